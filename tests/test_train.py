@@ -1,0 +1,80 @@
+"""Train steps: loss falls, gradient accumulation equals a bigger batch, eval runs."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax.config import MODEL_PRESETS, Config, TrainConfig, apply_overrides, load_experiment
+from gptjax.loop import pretrain
+from gptjax.metrics import read_metrics
+from gptjax.model import GPT
+from gptjax.train import compile_steps, lr_schedule
+
+TINY = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=100, max_len=16)
+
+
+def _config(**train) -> Config:
+    return Config(model=TINY, train=TrainConfig(**{"steps": 10, "warmup_steps": 2, **train}),
+                  mesh=dataclasses.replace(Config().mesh, data=1))
+
+
+def _batch(batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, TINY.vocab_size, (batch_size, TINY.max_len + 1), dtype=np.int32)
+    weights = (rng.random((batch_size, TINY.max_len)) > 0.2).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def _run(config: Config, batches) -> tuple[list[float], dict]:
+    devices = jax.devices()[:1]
+    steps = compile_steps(config, GPT(config.model), devices=devices)
+    state, losses = steps.state, []
+    for b in batches:
+        state, metrics = steps.train(state, steps.put_batch(b))
+        losses.append(float(metrics["train_loss"]))
+    return losses, jax.device_get(steps.params(state))
+
+
+def test_grad_accumulation_equals_bigger_batch():
+    batches = [_batch(8, seed=i) for i in range(3)]
+    whole, p_whole = _run(_config(batch_size=8), batches)
+    accum, p_accum = _run(_config(batch_size=8, grad_accum_steps=4), batches)
+    np.testing.assert_allclose(accum, whole, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p_accum), jax.tree.leaves(p_whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_weights_are_ignored():
+    b = _batch(4)
+    padded = {k: v.copy() for k, v in b.items()}
+    padded["targets"][padded["weights"] == 0] = 7  # any target under weight 0 changes nothing
+    (l1,), _ = _run(_config(batch_size=4), [b])
+    (l2,), _ = _run(_config(batch_size=4), [padded])
+    assert l1 == pytest.approx(l2, rel=1e-6)
+
+
+def test_schedule_warmup_then_cosine_floor():
+    s = lr_schedule(TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3,
+                                min_learning_rate=1e-4))
+    assert float(s(0)) == 0.0
+    assert float(s(10)) == pytest.approx(1e-3)
+    assert float(s(100)) == pytest.approx(1e-4)
+    assert float(s(55)) == pytest.approx(5.5e-4, rel=1e-3)
+
+
+def test_tiny_experiment_loss_falls_and_evaluates(tmp_path):
+    config = apply_overrides(load_experiment("tiny"), [
+        "--train.steps=40", "--eval.every_steps=20", "--eval.sample_tokens=10",
+        "--train.log_every_steps=5"])
+    final = pretrain(config, tmp_path)
+    records = read_metrics(tmp_path)
+    train = [r["train_loss"] for r in records if "train_loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert len(train) == 8 and train[-1] < train[0] - 1.0, train
+    assert [r["step"] for r in val] == [20, 40]
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    assert final["val_loss"] == pytest.approx(val[-1]["val_loss"])
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "tokenizer.model").is_file()
+    assert list((tmp_path / "tb").iterdir()), "TensorBoard event file missing"
