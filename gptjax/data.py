@@ -1,0 +1,277 @@
+"""Pretraining input pipeline: source → tokenizer → flat token arrays → grain batches.
+
+``load_corpus`` resolves ``data.source`` (see ``gptjax/sources.py``), trains or loads the
+tokenizer (trained on the train split only), and tokenizes each split once into one flat
+int32 array — documents joined by EOS — cached as ``.npy`` under ``<cache>/tokens/``.
+
+``train_batches`` cuts the train array into windows of ``max_len + 1`` tokens at stride
+``max_len`` (window i = tokens[i*T : i*T + T + 1]), so each token after the first is a
+target exactly once per epoch; the last window is padded with ``pad_id`` and weight 0. The
+window order is a fresh seeded permutation each epoch, batched to the *global* batch size
+before each process takes its own rows: the sample order and the iterator state mean the same
+thing for any number of processes. ``eval_batches`` reads the validation split from its start,
+unshuffled.
+
+Shapes: B = rows of this process (global batch / process count), T = ``max_len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from gptjax import sources
+from gptjax.config import DataConfig
+from gptjax.tokenizer import Tokenizer
+
+Log = Callable[[str], None]
+
+# Tokenizer training reads at most this many characters of the train split: SentencePiece
+# holds its input in memory, and more text barely changes a 2-50k vocabulary.
+TOKENIZER_MAX_CHARS = 200_000_000
+_ENCODE_BATCH = 64  # documents per encode_batch call
+_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+    """A tokenized source. ``train_tokens``: [N] int32, ``val_tokens``: [M] int32."""
+
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray  # documents joined with EOS (each document is followed by EOS)
+    val_tokens: np.ndarray
+    description: str  # one line: source, documents, split rule, token counts
+
+
+def cache_root(data: DataConfig) -> Path:
+    """``data.cache_dir``, else ``$GPTJAX_CACHE``, else ``~/.cache/gptjax``."""
+    root = data.cache_dir or os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
+    return Path(root).expanduser()
+
+
+def load_corpus(
+    data: DataConfig, *, tokenizer: Tokenizer | None = None, log: Log = print
+) -> Corpus:
+    """Reads ``data.source``, gets a tokenizer, and returns both splits as token arrays.
+
+    Args:
+      data: the data config (source, split rule, tokenizer choice, cache folder).
+      tokenizer: use this tokenizer (e.g. the one saved with a checkpoint) instead of
+        ``data.tokenizer`` or a trained one.
+      log: receives one human-readable line per step (what is built or reused, how long).
+    """
+    root = cache_root(data)
+    source = sources.open_source(data, root / "datasets", log)
+    if tokenizer is None:
+        tokenizer = tokenizer_for(data, source, root, log)
+    train = _cached_tokens(source.train, "train", source.key, tokenizer, root, log)
+    val = _cached_tokens(source.validation, "validation", source.key, tokenizer, root, log)
+    description = (
+        f"{source.description}; {len(train):,} train / {len(val):,} validation "
+        f"tokens (vocab {tokenizer.vocab_size:,})"
+    )
+    return Corpus(tokenizer, train, val, description)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_for(data: DataConfig, source: sources.Source, root: Path, log: Log) -> Tokenizer:
+    """Loads ``data.tokenizer``, or trains one on the train split (cached by data+type+size)."""
+    if data.tokenizer:
+        path = Path(data.tokenizer).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"data.tokenizer={data.tokenizer!r} does not exist; give the path "
+                f"of a SentencePiece .model file, or '' to train one"
+            )
+        return Tokenizer.load(path)
+    size = 0 if data.tokenizer_type == "char" else data.tokenizer_vocab_size
+    key = hashlib.sha256(f"{source.key}|{data.tokenizer_type}|{size}".encode()).hexdigest()
+    path = root / "tokenizers" / f"{key[:20]}.model"
+    if path.is_file():
+        log(f"reusing tokenizer {path}")
+        return Tokenizer.load(path)
+    log(
+        f"training a {data.tokenizer_type} tokenizer (vocab {size or 'all characters'}) "
+        f"on the train split"
+    )
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train(
+        _capped(iter(source.train), TOKENIZER_MAX_CHARS, log),
+        model_type=data.tokenizer_type,
+        vocab_size=data.tokenizer_vocab_size,
+    )
+    tokenizer.save(path)  # atomic: concurrent processes never read a half-written model
+    log(f"trained tokenizer → {path} in {time.perf_counter() - start:.1f}s")
+    return tokenizer
+
+
+def _capped(texts: Iterator[str], max_chars: int, log: Log) -> Iterable[str]:
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= max_chars:
+            log(f"tokenizer trained on the first {seen:,} characters of the train split")
+            return
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def tokenize(texts: grain.MapDataset, tokenizer: Tokenizer) -> np.ndarray:
+    """Encodes every document and appends EOS; returns the concatenation, [N] int32."""
+    eos = tokenizer.eos_id
+
+    def encode(batch: list[str]) -> np.ndarray:
+        ids = tokenizer.encode_batch(batch)
+        return np.fromiter(itertools.chain.from_iterable(i + [eos] for i in ids), np.int32)
+
+    pieces = texts.batch(_ENCODE_BATCH, batch_fn=list).map(encode).to_iter_dataset(_READ)
+    return np.concatenate([np.zeros(0, np.int32), *pieces])
+
+
+def _cached_tokens(
+    texts: grain.MapDataset, split: str, source_key: str, tokenizer: Tokenizer, root: Path, log: Log
+) -> np.ndarray:
+    """``tokenize``, cached under ``<cache>/tokens/`` and memory-mapped on reuse."""
+    path = root / "tokens" / f"{source_key}-{tokenizer.fingerprint}-{split}.npy"
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    start = time.perf_counter()
+    tokens = tokenize(texts, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+    os.replace(tmp, path)
+    log(
+        f"tokenized {split}: {len(texts):,} documents → {len(tokens):,} tokens in "
+        f"{time.perf_counter() - start:.1f}s ({path})"
+    )
+    return np.load(path, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def num_windows(num_tokens: int, max_len: int) -> int:
+    """Windows needed so that each of the ``num_tokens - 1`` targets appears once."""
+    return max(0, -(-(num_tokens - 1) // max_len))
+
+
+def read_windows(
+    tokens: np.ndarray, index: np.ndarray, max_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """Window ``i`` of ``tokens`` for each ``i`` in ``index`` [B]; ``-1`` gives a padding row.
+
+    Returns ``inputs``/``targets`` int32 [B, T] and ``weights`` float32 [B, T] (0 on padding).
+    """
+    t = max_len
+    rows = np.full((len(index), t + 1), pad_id, np.int32)  # [B, T+1]
+    weights = np.zeros((len(index), t), np.float32)  # [B, T]
+    for r, i in enumerate(index):
+        if i >= 0:
+            chunk = tokens[i * t : i * t + t + 1]
+            rows[r, : len(chunk)] = chunk
+            weights[r, : len(chunk) - 1] = 1.0
+    return {
+        "inputs": np.ascontiguousarray(rows[:, :-1]),
+        "targets": np.ascontiguousarray(rows[:, 1:]),
+        "weights": weights,
+    }
+
+
+def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+    """This process's contiguous rows ``[p*b, (p+1)*b)`` of every global batch."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must be in [0, process_count={process_count})"
+        )
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} (train.batch_size or eval.batch_size) "
+            f"must be a positive multiple of the process count {process_count}; use a "
+            f"multiple of {process_count}"
+        )
+    b = global_batch_size // process_count
+    return slice(process_index * b, (process_index + 1) * b)
+
+
+def train_batches(
+    corpus_tokens: np.ndarray,
+    *,
+    max_len: int,
+    global_batch_size: int,
+    seed: int,
+    pad_id: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """An endless, seeded iterator of this process's training batches.
+
+    Each epoch is an exact permutation of all windows: grain's ``shuffle`` before ``repeat``
+    draws a fresh permutation per epoch, seeded ``(seed + epoch) mod 2**32``. The iterator
+    supports ``get_state()``/``set_state()``; its state is the global batch count, the same for
+    every process count. Yields ``inputs``/``targets`` int32 [B, T], ``weights`` float32 [B, T].
+    """
+    rows = _process_rows(global_batch_size, process_index, process_count)
+    n = num_windows(len(corpus_tokens), max_len)
+    if len(corpus_tokens) < max_len + 1:
+        raise ValueError(
+            f"the train split has {len(corpus_tokens):,} tokens, fewer than one "
+            f"window of model.max_len+1={max_len + 1}; use more text or a "
+            f"smaller model.max_len"
+        )
+
+    def read(index: np.ndarray) -> dict[str, np.ndarray]:  # index: [global batch]
+        return read_windows(corpus_tokens, index[rows], max_len, pad_id)
+
+    ds = (
+        grain.MapDataset.range(n)
+        .shuffle(seed=seed % 2**32)
+        .repeat()
+        .batch(global_batch_size)
+        .map(read)
+    )
+    return iter(ds.to_iter_dataset(_READ))
+
+
+def eval_batches(
+    corpus_tokens: np.ndarray,
+    *,
+    max_len: int,
+    global_batch_size: int,
+    num_batches: int,
+    pad_id: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """The first ``num_batches`` global batches of windows, in order, for this process.
+
+    A short split gives fewer batches (all its windows); the last one is filled up with
+    weight-0 rows so every batch has the same shapes ([B, T], as ``train_batches``).
+    """
+    rows = _process_rows(global_batch_size, process_index, process_count)
+    n = num_windows(len(corpus_tokens), max_len)
+    if n == 0:
+        raise ValueError(
+            f"the validation split has {len(corpus_tokens)} tokens; it needs at "
+            f"least 2 — give it more text"
+        )
+    count = min(num_batches, -(-n // global_batch_size))
+    index = np.arange(count * global_batch_size)
+    index[index >= n] = -1  # padding rows
+    return [
+        read_windows(corpus_tokens, batch[rows], max_len, pad_id)
+        for batch in index.reshape(count, global_batch_size)
+    ]
