@@ -1,0 +1,366 @@
+"""The decoder-only Transformer (GPT-2 and LLaMA flavours), in Flax Linen.
+
+One ``ModelConfig`` picks every variant: learned positions (GPT-2) or RoPE, LayerNorm or
+RMSNorm (always pre-norm, with a final norm before the head), GELU or SwiGLU MLP,
+multi-head or grouped-query attention, tied or untied head, biases on or off.
+
+Shape legend (also the einsum letters)::
+
+    B batch   T length (queries)   S key length   D embed_dim   H num_heads
+    G kv_heads   K head_dim   F hidden_dim (MLP)   V padded_vocab_size   L num_layers
+
+Parameter tree (``params``; ``[...]`` are shapes, ``(...)`` the logical axis names)::
+
+    embed/embedding          [V, D]     (vocab, embed)      token table; also the tied head
+    pos_embed/embedding      [T_max, D] (None, embed)       only for position="learned"
+    h_{i}/ln_1/scale         [D]        (embed,)            (+ bias [D]: layernorm and use_bias)
+    h_{i}/attn/query/kernel  [D, H, K]  (embed, heads, kv)  (+ bias [H, K] if use_bias)
+    h_{i}/attn/key/kernel    [D, G, K]  (embed, heads, kv)  (+ bias [G, K])
+    h_{i}/attn/value/kernel  [D, G, K]  (embed, heads, kv)  (+ bias [G, K])
+    h_{i}/attn/out/kernel    [H, K, D]  (heads, kv, embed)  (+ bias [D])
+    h_{i}/ln_2/scale         [D]        (embed,)
+    h_{i}/mlp/gate/kernel    [D, F]     (embed, mlp)        only for activation="swiglu"
+    h_{i}/mlp/up/kernel      [D, F]     (embed, mlp)        (+ bias [F])
+    h_{i}/mlp/down/kernel    [F, D]     (mlp, embed)        (+ bias [D])
+    ln_f/scale               [D]        (embed,)            (+ bias [D])
+    lm_head/kernel           [D, V]     (embed, vocab)      only if tie_embeddings=False
+
+Every kernel is a reshape of GPT-2's Conv1D weights (``c_attn`` splits into query/key/value
+``[D, H, K]``; ``c_proj`` is ``[H*K, D]``), so ``gptjax/hf.py`` converts by reshape only.
+The head never has a bias (GPT-2, nanoGPT and LLaMA have none).
+
+Boxed or plain parameters: ``model.init`` returns ``nn.LogicallyPartitioned`` boxes that carry
+the logical names; ``model.apply`` accepts boxed and plain (``nn.meta.unbox``) trees alike.
+Convention: boxes are used only to derive shardings (``nn.get_partition_spec`` of a
+``jax.eval_shape``'d init gives every parameter's and optimizer moment's logical names, see
+``gptjax/train.py:plan_sharded``); the train state, checkpoints, sampling and ``hf.py`` hold
+plain arrays (``init_params``, ``nn.meta.unbox``). ``abstract_params`` gives the boxed shapes
+without memory. Logical names (``gptjax/sharding.py`` maps them onto the mesh):
+parameters use vocab, embed, heads, kv, mlp; activations use batch, length, act_embed, heads,
+kv, mlp, vocab. The activation constraints act only inside ``jax.set_mesh(mesh)`` plus
+``nn.logical_axis_rules(...)``; elsewhere they are no-ops, so the model runs plain on one device.
+
+Numerics: parameters are float32; matmul inputs are cast to ``config.dtype``. The residual
+stream stays float32 (as under torch autocast in nanoGPT); norm statistics, the attention
+softmax and the logits are float32.
+
+No KV cache yet: ``attend`` takes q/k/v and a mask so that decoding can call it with cached
+keys and an explicit mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gptjax.config import ModelConfig
+
+Array = jax.Array
+
+# Logit given to padded vocabulary ids: finite (no inf-inf NaNs in a loss), but exp() of it is 0
+# in float32, so sampling and softmax/cross-entropy equal those of an unpadded model.
+PADDED_LOGIT = -1e9
+
+# GPT-2 (Radford et al. 2019, OpenAI's model.py) draws token embeddings and matrices from
+# N(0, 0.02) and the position table from N(0, 0.01); residual projections are scaled by
+# 1/sqrt(2L) because each layer adds two of them to the residual stream.
+INIT_STD = 0.02
+POS_INIT_STD = 0.01
+
+
+def _named(init: nn.initializers.Initializer, names: tuple) -> nn.initializers.Initializer:
+    """An initializer whose parameter carries logical axis names (boxed by ``model.init``)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def _normal(std: float, names: tuple) -> nn.initializers.Initializer:
+    return _named(nn.initializers.normal(std), names)
+
+
+def _constrain(x: Array, names: tuple) -> Array:
+    """Sharding hint by logical names; a no-op without a mesh and rules context."""
+    return nn.with_logical_constraint(x, names)
+
+
+def _dtype(config: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(config.dtype)
+
+
+def _linear(
+    config: ModelConfig, spec: str, shape: tuple, names: tuple, name: str, std: float = INIT_STD
+) -> nn.Einsum:
+    """A float32 kernel applied as ``einsum(spec, x, kernel)`` in the compute dtype.
+
+    The bias (if ``use_bias``) covers the kernel axes that survive into the output.
+    """
+    kernel_letters = spec.split(",")[1].split("->")[0]
+    out_letters = spec.split("->")[1]
+    bias_names = tuple(n for c, n in zip(kernel_letters, names, strict=True) if c in out_letters)
+    return nn.Einsum(
+        shape,
+        spec,
+        use_bias=config.use_bias,
+        dtype=_dtype(config),
+        name=name,
+        kernel_init=_normal(std, names),
+        bias_init=_named(nn.initializers.zeros, bias_names),
+    )
+
+
+def _norm(config: ModelConfig, name: str) -> nn.Module:
+    """Pre-norm layer; statistics in float32, output in the compute dtype (it feeds a matmul)."""
+    scale_init = _named(nn.initializers.ones, ("embed",))
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(
+            epsilon=config.norm_eps,
+            dtype=_dtype(config),
+            scale_init=scale_init,
+            name=name,
+        )
+    return nn.LayerNorm(
+        epsilon=config.norm_eps,
+        dtype=_dtype(config),
+        use_bias=config.use_bias,
+        scale_init=scale_init,
+        use_fast_variance=False,
+        bias_init=_named(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding, "rotate-half" layout (GPT-NeoX, HF LLaMA).
+
+    Feature pair ``(i, i + K/2)`` is rotated by ``positions * theta**(-2i/K)``. Computed in
+    float32 and returned in ``x.dtype``.
+
+    Args:
+      x: ``[B, T, N, K]`` queries or keys (N = H or G).
+      positions: ``[B, T]`` int positions.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, K/2]
+    sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, K/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [B, T, N, K/2] each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def causal_segment_mask(segment_ids: Array) -> Array:
+    """``[B, 1, T, T]`` bool: query t sees key s iff s <= t and both are in the same segment.
+
+    The diagonal is always allowed, so no row is fully masked (padding, segment 0, only sees
+    padding; its logits are ignored by the loss).
+    """
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, S]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    return (causal & same)[:, None]  # [B, 1, T, S]
+
+
+def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+
+    Args:
+      q: ``[B, T, H, K]``; k, v: ``[B, S, G, K]`` with G dividing H (query head n uses kv head
+        ``n // (H/G)``, jax's grouping).
+      mask: ``[B, 1, T, S]`` bool (True = attend), or None for plain causal attention with
+        T == S. A decoder with a cache must pass an explicit mask: jax's ``is_causal`` aligns
+        the triangle to the top-left corner.
+
+    Returns ``[B, T, H, K]``. jax's function has no dropout on the attention probabilities, so
+    this model has none (GPT-2 had it); dropout acts on the residual branches instead.
+    """
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class Attention(nn.Module):
+    """Causal (grouped-query) self-attention: ``[B, T, D] -> [B, T, D]``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, deterministic: bool
+    ) -> Array:
+        c = self.config
+        d, h, g, k_dim = c.embed_dim, c.num_heads, c.kv_heads, c.head_dim
+        qkv_names = ("embed", "heads", "kv")
+        q = _linear(c, "BTD,DHK->BTHK", (d, h, k_dim), qkv_names, "query")(x)  # [B, T, H, K]
+        k = _linear(c, "BSD,DGK->BSGK", (d, g, k_dim), qkv_names, "key")(x)  # [B, S, G, K]
+        v = _linear(c, "BSD,DGK->BSGK", (d, g, k_dim), qkv_names, "value")(x)  # [B, S, G, K]
+        if c.position == "rope":
+            q = rope(q, positions, c.rope_theta)
+            k = rope(k, positions, c.rope_theta)
+        names = ("batch", "length", "heads", "kv")
+        q, k, v = (_constrain(a, names) for a in (q, k, v))
+        y = _constrain(attend(q, k, v, mask), names)  # [B, T, H, K]
+        out_std = INIT_STD / math.sqrt(2 * c.num_layers)
+        y = _linear(
+            c, "BTHK,HKD->BTD", (h, k_dim, d), ("heads", "kv", "embed"), "out", std=out_std
+        )(y)  # [B, T, D]
+        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    """GELU (tanh approximation, as GPT-2) or SwiGLU (LLaMA) MLP: ``[B, T, D] -> [B, T, D]``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        c = self.config
+        d, f = c.embed_dim, c.hidden_dim
+        up = _linear(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), "up")(x)  # [B, T, F]
+        if c.activation == "swiglu":
+            gate = _linear(c, "BTD,DF->BTF", (d, f), ("embed", "mlp"), "gate")(x)  # [B, T, F]
+            hidden = nn.silu(gate) * up
+        else:
+            hidden = nn.gelu(up, approximate=True)
+        hidden = _constrain(hidden, ("batch", "length", "mlp"))
+        out_std = INIT_STD / math.sqrt(2 * c.num_layers)
+        y = _linear(c, "BTF,FD->BTD", (f, d), ("mlp", "embed"), "down", std=out_std)(hidden)
+        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, positions: Array, mask: Array | None, deterministic: bool
+    ) -> Array:
+        c = self.config
+        x = x + Attention(c, name="attn")(_norm(c, "ln_1")(x), positions, mask, deterministic)
+        x = _constrain(x, ("batch", "length", "act_embed"))
+        x = x + MLP(c, name="mlp")(_norm(c, "ln_2")(x), deterministic)
+        return _constrain(x, ("batch", "length", "act_embed"))
+
+
+class GPT(nn.Module):
+    """The decoder-only Transformer; ``model.apply(variables, tokens) -> logits``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        *,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Logits for every position.
+
+        Args:
+          tokens: ``[B, T]`` int32 token ids.
+          positions: ``[B, T]`` int32, default ``arange(T)``; restart them per packed segment.
+          segment_ids: ``[B, T]`` int32; attention never crosses segments (0 may mark padding).
+            None = one segment per row.
+          deterministic: False enables dropout (needs the ``"dropout"`` rng when
+            ``dropout_rate > 0``).
+
+        Returns ``[B, T, V]`` float32 logits, V = ``padded_vocab_size``; padded ids get
+        ``PADDED_LOGIT``.
+        """
+        c = self.config
+        _check(c, tokens.shape[1], positions is None)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        v = c.padded_vocab_size
+        embed = nn.Embed(
+            v, c.embed_dim, embedding_init=_normal(INIT_STD, ("vocab", "embed")), name="embed"
+        )
+        # Gather from a table whose embed axis is whole: the FSDP-sharded embed axis would
+        # otherwise clash with the batch sharding of the result (XLA then replicates it all).
+        table = _constrain(embed.embedding, ("vocab", None))  # [V, D]
+        x = jnp.take(table, tokens, axis=0)  # [B, T, D] float32
+        if c.position == "learned":
+            pos_embed = nn.Embed(
+                c.max_len,
+                c.embed_dim,
+                name="pos_embed",
+                embedding_init=_normal(POS_INIT_STD, (None, "embed")),
+            )
+            pos_table = _constrain(pos_embed.embedding, (None, None))  # [T_max, D]
+            x = x + jnp.take(pos_table, positions, axis=0)  # [B, T, D]
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        x = _constrain(x, ("batch", "length", "act_embed"))
+        mask = None if segment_ids is None else causal_segment_mask(segment_ids)
+        for i in range(c.num_layers):
+            x = Block(c, name=f"h_{i}")(x, positions, mask, deterministic)
+        x = _norm(c, "ln_f")(x)  # [B, T, D] compute dtype
+        if c.tie_embeddings:
+            logits = jnp.einsum(
+                "BTD,VD->BTV",
+                x,
+                embed.embedding.astype(x.dtype),
+                preferred_element_type=jnp.float32,
+            )  # [B, T, V]
+        else:
+            logits = nn.Einsum(
+                (c.embed_dim, v),
+                "BTD,DV->BTV",
+                use_bias=False,
+                dtype=_dtype(c),
+                preferred_element_type=jnp.float32,
+                kernel_init=_normal(INIT_STD, ("embed", "vocab")),
+                name="lm_head",
+            )(x)  # [B, T, V]
+        logits = logits.astype(jnp.float32)
+        if v > c.vocab_size:
+            real = jnp.arange(v) < c.vocab_size  # [V]
+            logits = jnp.where(real, logits, jnp.float32(PADDED_LOGIT))
+        return _constrain(logits, ("batch", "length", "vocab"))
+
+
+def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
+    if config.vocab_size < 1:
+        raise ValueError(
+            f"model.vocab_size={config.vocab_size} must be set before building "
+            f"the model; use the tokenizer's vocabulary size"
+        )
+    if config.embed_dim % config.num_heads or config.num_heads % config.kv_heads:
+        raise ValueError(
+            f"model.num_heads={config.num_heads} must divide model.embed_dim="
+            f"{config.embed_dim} and be a multiple of model.num_kv_heads="
+            f"{config.num_kv_heads}; see config.validate()"
+        )
+    if config.position == "learned" and default_positions and length > config.max_len:
+        raise ValueError(
+            f"sequence length {length} exceeds model.max_len={config.max_len} of "
+            f"the learned position table; shorten the input or raise max_len"
+        )
+
+
+def _init_boxed(config: ModelConfig, rng: Array) -> Any:
+    return GPT(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+
+
+def abstract_params(config: ModelConfig) -> Any:
+    """``{"params": ...}`` of boxed ``jax.ShapeDtypeStruct`` (with logical names); no memory."""
+    return jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+
+
+def init_params(config: ModelConfig, rng: Array) -> Any:
+    """Initialised variables ``{"params": ...}`` as plain float32 arrays, on one device."""
+    return nn.meta.unbox(jax.jit(functools.partial(_init_boxed, config))(rng))
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters (padded vocabulary rows included), from shapes only."""
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(abstract_params(config)))
+    return sum(math.prod(leaf.shape) for leaf in leaves)
