@@ -103,12 +103,11 @@ def load(workdir) -> Generator:
 
     from gptjax.checkpoint import restore_params
     from gptjax.loop import load_workdir_config
-    from gptjax.model import init_params
+    from gptjax.model import abstract_params
     from gptjax.tokenizer import Tokenizer
 
     config = load_workdir_config(workdir)
     tokenizer = Tokenizer.load(Path(workdir) / "tokenizer.model")
-    abstract = jax.eval_shape(
-        lambda: nn.meta.unbox(init_params(config.model, jax.random.PRNGKey(0))))
+    abstract = nn.meta.unbox(abstract_params(config.model))["params"]
     params = restore_params(workdir, abstract)
     return Generator(config, params, tokenizer)

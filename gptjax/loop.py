@@ -11,8 +11,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,7 +45,8 @@ def preflight(config: Config) -> tuple[int, int, int]:
     data_ways, _, tensor = shape[0] * shape[1], shape[1], shape[2]
     per_step = data_ways * t.grad_accum_steps
     if t.batch_size % per_step:
-        what = f"devices={num_devices}" if t.parallelism == "pmap" else f"mesh data*fsdp={data_ways}"
+        what = (f"devices={num_devices}" if t.parallelism == "pmap"
+                else f"mesh data*fsdp={data_ways}")
         raise ValueError(
             f"train.batch_size={t.batch_size} must be divisible by {what} × "
             f"train.grad_accum_steps={t.grad_accum_steps} = {per_step}; use a multiple of "

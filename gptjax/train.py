@@ -12,9 +12,11 @@ the whole batch at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -90,8 +92,8 @@ def grad_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None, accum:
         grads, loss, weight = carry
         mb, i = xs
         r = None if rng is None else jax.random.fold_in(rng, i)
-        (l, w), g = grad_fn(params, mb, r)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, weight + w), None
+        (loss_i, w), g = grad_fn(params, mb, r)
+        return (jax.tree.map(jnp.add, grads, g), loss + loss_i, weight + w), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
@@ -152,49 +154,77 @@ class Steps:
     mesh: jax.sharding.Mesh | None = None
 
 
+def _step_kwargs(config: Config, model: GPT) -> dict[str, Any]:
+    return dict(model=model, tx=make_optimizer(config.train), schedule=lr_schedule(config.train),
+                accum=config.train.grad_accum_steps, dropout=config.model.dropout_rate > 0)
+
+
+@dataclasses.dataclass
+class ShardedPlan:
+    """The jit layout of a config on a mesh: abstract state with shardings, compiled-on-call
+    step functions. Nothing here allocates device memory until ``init`` is called."""
+
+    mesh: jax.sharding.Mesh
+    abstract_state: TrainState  # jax.ShapeDtypeStruct leaves, each with its sharding
+    batch_sharding: jax.sharding.NamedSharding
+    init: Callable[[jax.Array], TrainState]
+    train: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+    eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+
+    @contextlib.contextmanager
+    def context(self):
+        """The mesh and logical-axis rules that the model's sharding constraints read."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            yield
+
+
+def plan_sharded(config: Config, model: GPT, devices: list | None = None) -> ShardedPlan:
+    """Lays the train state and batches out on the ``(data, fsdp, tensor)`` mesh."""
+    kw = _step_kwargs(config, model)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    init = functools.partial(init_state, config, model, kw["tx"])
+    # Shapes and logical axis names only: the full state never materialises on one device.
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    boxed = jax.eval_shape(init, rng)
+    state_sharding = sharding.logical_shardings(boxed, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.meta.unbox(boxed), state_sharding)
+    batch_sharding = sharding.batch_sharding(mesh)
+    return ShardedPlan(
+        mesh=mesh, abstract_state=abstract, batch_sharding=batch_sharding,
+        init=jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding),
+        train=jax.jit(functools.partial(train_step, **kw), donate_argnums=0,
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, None)),
+        eval=jax.jit(functools.partial(eval_step, model=model),
+                     in_shardings=(state_sharding.params, batch_sharding)))
+
+
 def compile_steps(config: Config, model: GPT, devices: list | None = None) -> Steps:
     """Initialises the state on ``devices`` (default: all) and wraps the step functions for
     ``config.train.parallelism``: "jit" over a ``(data, fsdp, tensor)`` mesh, or "pmap"."""
-    tx, schedule = make_optimizer(config.train), lr_schedule(config.train)
-    kw = dict(model=model, tx=tx, schedule=schedule, accum=config.train.grad_accum_steps,
-              dropout=config.model.dropout_rate > 0)
     rng = jax.random.PRNGKey(config.train.seed)  # raw uint32[2]: checkpointable as is
-    init = functools.partial(init_state, config, model, tx)
     if config.train.parallelism == "pmap":
-        return _pmap_steps(init, rng, kw, model, devices or jax.local_devices())
-    return _jit_steps(config, init, rng, kw, model, devices)
+        return _pmap_steps(config, model, rng, devices)
+    plan = plan_sharded(config, model, devices)
 
-
-def _jit_steps(config: Config, init, rng, kw, model, devices) -> Steps:
-    mesh = sharding.make_mesh(config.mesh, devices)
-    # Shapes and logical axis names only: the full state never materialises on one device.
-    abstract = jax.eval_shape(init, rng)
-    state_sharding = sharding.logical_shardings(abstract, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)(rng)
-    batch_sharding = sharding.batch_sharding(mesh)
-    step = jax.jit(functools.partial(train_step, **kw), donate_argnums=0,
-                   in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, None))
-    evaluate = jax.jit(functools.partial(eval_step, model=model),
-                       in_shardings=(state_sharding.params, batch_sharding))
-
-    def with_rules(fn):
+    def in_context(fn):
         def run(*args):
-            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            with plan.context():
                 return fn(*args)
         return run
 
-    return Steps(state=state, train=with_rules(step), eval=with_rules(evaluate),
-                 put_batch=lambda b: sharding.global_batch(b, mesh),
-                 params=lambda s: s.params, mesh=mesh)
+    return Steps(state=in_context(plan.init)(rng), train=in_context(plan.train),
+                 eval=in_context(plan.eval),
+                 put_batch=lambda b: sharding.global_batch(b, plan.mesh),
+                 params=lambda s: s.params, mesh=plan.mesh)
 
 
-def _pmap_steps(init, rng, kw, model, devices) -> Steps:
-    n = len(devices)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)))(rng)
-    state = jax.device_put_replicated(state, devices) if hasattr(
-        jax, "device_put_replicated") else jax.tree.map(lambda x: jnp.stack([x] * n), state)
+def _pmap_steps(config: Config, model: GPT, rng, devices: list | None) -> Steps:
+    kw = _step_kwargs(config, model)
+    n = len(devices or jax.local_devices())
+    state = jax.jit(lambda r: nn.meta.unbox(init_state(config, model, kw["tx"], r)))(rng)
+    state = jax.tree.map(lambda x: jnp.stack([x] * n), state)  # [n, ...] replicas
     step = jax.pmap(functools.partial(pmap_train_step, **kw), axis_name=PMAP_AXIS,
                     donate_argnums=0, devices=devices)
 

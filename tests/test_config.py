@@ -10,8 +10,8 @@ from gptjax.config import (
     apply_overrides,
     load_experiment,
     parse_override,
-    validate,
     valid_keys,
+    validate,
 )
 
 

@@ -66,13 +66,12 @@ def test_schedule_warmup_then_cosine_floor():
 
 def test_tiny_experiment_loss_falls_and_evaluates(tmp_path):
     config = apply_overrides(load_experiment("tiny"), [
-        "--train.steps=40", "--eval.every_steps=20", "--eval.sample_tokens=10",
-        "--train.log_every_steps=5"])
+        "--train.steps=40", "--eval.every_steps=20", "--eval.sample_tokens=10"])
     final = pretrain(config, tmp_path)
     records = read_metrics(tmp_path)
     train = [r["train_loss"] for r in records if "train_loss" in r]
     val = [r for r in records if "val_loss" in r]
-    assert len(train) == 8 and train[-1] < train[0] - 1.0, train
+    assert len(train) == 8 and train[-1] < train[0] - 0.5, train
     assert [r["step"] for r in val] == [20, 40]
     assert val[-1]["val_loss"] < val[0]["val_loss"]
     assert final["val_loss"] == pytest.approx(val[-1]["val_loss"])

@@ -1,0 +1,104 @@
+"""One train step, many layouts: single device == pmap == data/fsdp/tensor meshes."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import sharding
+from gptjax.config import Config, MeshConfig, ModelConfig, TrainConfig
+from gptjax.model import GPT
+from gptjax.train import compile_steps, plan_sharded
+
+# 8 heads and an MLP of 256 so that tensor=8 divides them; vocab padded to 128.
+MODEL = ModelConfig(num_layers=2, num_heads=8, embed_dim=64, max_len=16, vocab_size=100)
+STEPS = 20
+
+
+def _config(parallelism="jit", **mesh) -> Config:
+    return Config(model=MODEL, mesh=MeshConfig(**{"data": 1, **mesh}),
+                  train=TrainConfig(steps=STEPS, batch_size=16, warmup_steps=2,
+                                    learning_rate=3e-3, parallelism=parallelism))
+
+
+def _batches():
+    """Rows of a learnable sequence (each token determines the next), so the loss falls."""
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        start = rng.integers(0, MODEL.vocab_size, (16, 1))
+        tokens = ((start + 7 * np.arange(MODEL.max_len + 1)) % MODEL.vocab_size).astype(np.int32)
+        yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+               "weights": np.ones((16, MODEL.max_len), np.float32)}
+
+
+def _train(config: Config, devices):
+    steps = compile_steps(config, GPT(config.model), devices=devices)
+    state, losses = steps.state, []
+    for batch in _batches():
+        state, metrics = steps.train(state, steps.put_batch(batch))
+        losses.append(float(metrics["train_loss"]))
+    return np.array(losses), jax.device_get(steps.params(state)), state
+
+
+@pytest.fixture(scope="module")
+def reference():
+    losses, params, _ = _train(_config(), jax.devices()[:1])
+    return losses, params
+
+
+@pytest.mark.parametrize("name, config", [
+    ("pmap over 8", _config("pmap")),
+    ("data=8", _config(data=8)),
+    ("fsdp=8", _config(fsdp=8)),
+    ("data=2,fsdp=2,tensor=2", _config(data=2, fsdp=2, tensor=2)),
+    ("tensor=8", _config(tensor=8)),
+])
+def test_layouts_match_one_device(reference, name, config):
+    ref_losses, ref_params = reference
+    losses, params, state = _train(config, jax.devices())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, err_msg=name)
+    assert ref_losses[-1] < ref_losses[0] - 0.5
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_parameters_really_are_sharded():
+    plan = plan_sharded(_config(fsdp=8), GPT(MODEL), jax.devices())
+    up = plan.abstract_state.params["h_0"]["mlp"]["up"]["kernel"]  # [D, F] = (embed, mlp)
+    assert up.sharding.spec[0] == "fsdp"
+    assert up.sharding.shard_shape(up.shape) == (64 // 8, 256)
+    mu = plan.abstract_state.opt_state  # optimizer moments follow their parameters
+    assert any(leaf.shape == up.shape and leaf.sharding.spec == up.sharding.spec
+               for leaf in jax.tree.leaves(mu))
+    plan = plan_sharded(_config(tensor=8), GPT(MODEL), jax.devices())
+    q = plan.abstract_state.params["h_0"]["attn"]["query"]["kernel"]  # [D, H, K]
+    assert q.sharding.shard_shape(q.shape) == (64, 1, 8)
+    out = plan.abstract_state.params["h_0"]["attn"]["out"]["kernel"]  # [H, K, D]
+    assert out.sharding.shard_shape(out.shape) == (1, 8, 64)
+
+
+@pytest.mark.parametrize("mesh, match", [
+    (MeshConfig(data=3), r"needs 3 devices but 8 are present"),
+    (MeshConfig(data=-1, fsdp=3), r"cannot fill 8 devices"),
+    (MeshConfig(data=-1, fsdp=-1), r"at most one -1"),
+    (MeshConfig(data=0), r"mesh.data=0"),
+])
+def test_bad_mesh(mesh, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.make_mesh(mesh, jax.devices())
+
+
+def test_minus_one_takes_the_rest():
+    assert sharding.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert sharding.make_mesh(MeshConfig(data=-1), jax.devices()).shape["data"] == 8
+
+
+def test_host_local_batch_becomes_global():
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())
+    local = {"inputs": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
+    out = sharding.global_batch(local, mesh)["inputs"]
+    assert out.shape == (8, 4)
+    np.testing.assert_array_equal(np.asarray(out), local["inputs"])
+    assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert dataclasses.is_dataclass(MeshConfig())
