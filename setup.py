@@ -1,12 +1,14 @@
 """gptjax: GPT-style language models in JAX/Flax — pretrain, chat fine-tune, sample, talk."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="gptjax",
     version="0.1.0",
     description=__doc__.strip(),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `experiments` ships as a package so `--config NAME` resolves after a plain install too.

@@ -29,13 +29,33 @@ def shared_data_dir() -> Path:
 
 def get_config() -> Config:
     return Config(
-        model=ModelConfig(preset="shakespeare_char", num_layers=4, num_heads=4, embed_dim=128,
-                          max_len=64, dropout_rate=0.0, use_bias=False, tie_embeddings=True),
-        data=DataConfig(source=f"text:{shared_data_dir() / 'tinyshakespeare.txt'}",
-                        tokenizer_type="char", val_fraction=0.1),
-        train=TrainConfig(steps=2000, batch_size=12, learning_rate=1e-3, min_learning_rate=1e-4,
-                          warmup_steps=100, decay_steps=2000, weight_decay=0.1, beta1=0.9,
-                          beta2=0.99, grad_clip=1.0, log_every_steps=10),
-        eval=EvalConfig(every_steps=250, num_batches=20, sample_prompt="ROMEO:",
-                        sample_tokens=200),
+        model=ModelConfig(
+            preset="shakespeare_char",
+            num_layers=4,
+            num_heads=4,
+            embed_dim=128,
+            max_len=64,
+            dropout_rate=0.0,
+            use_bias=False,
+            tie_embeddings=True,
+        ),
+        data=DataConfig(
+            source=f"text:{shared_data_dir() / 'tinyshakespeare.txt'}",
+            tokenizer_type="char",
+            val_fraction=0.1,
+        ),
+        train=TrainConfig(
+            steps=2000,
+            batch_size=12,
+            learning_rate=1e-3,
+            min_learning_rate=1e-4,
+            warmup_steps=100,
+            decay_steps=2000,
+            weight_decay=0.1,
+            beta1=0.9,
+            beta2=0.99,
+            grad_clip=1.0,
+            log_every_steps=10,
+        ),
+        eval=EvalConfig(every_steps=250, num_batches=20, sample_prompt="ROMEO:", sample_tokens=200),
     )

@@ -16,7 +16,13 @@ def get_config() -> Config:
     return Config(
         model=dataclasses.replace(MODEL_PRESETS["tiny"], max_len=64),
         data=DataConfig(source="shakespeare", tokenizer_type="bpe", tokenizer_vocab_size=512),
-        train=TrainConfig(steps=200, batch_size=16, learning_rate=3e-3, min_learning_rate=3e-4,
-                          warmup_steps=10, log_every_steps=10),
+        train=TrainConfig(
+            steps=200,
+            batch_size=16,
+            learning_rate=3e-3,
+            min_learning_rate=3e-4,
+            warmup_steps=10,
+            log_every_steps=5,
+        ),
         eval=EvalConfig(every_steps=100, num_batches=4, sample_tokens=40),
     )

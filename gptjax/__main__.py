@@ -20,14 +20,23 @@ DEFAULT_EXPERIMENT = "shakespeare"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    pre = sub.add_parser("pretrain", help="train a model on text",
-                         epilog="Any other --section.key=value overrides the config, "
-                                "e.g. --train.steps=200 --model.num_layers=2.")
-    pre.add_argument("--config", default=DEFAULT_EXPERIMENT,
-                     help="a Python file with get_config(), or a name in experiments/ "
-                          f"(default: {DEFAULT_EXPERIMENT})")
-    pre.add_argument("--workdir", default=None,
-                     help="where checkpoints, metrics and samples go (default: runs/CONFIG)")
+    pre = sub.add_parser(
+        "pretrain",
+        help="train a model on text",
+        epilog="Any other --section.key=value overrides the config, "
+        "e.g. --train.steps=200 --model.num_layers=2.",
+    )
+    pre.add_argument(
+        "--config",
+        default=DEFAULT_EXPERIMENT,
+        help="a Python file with get_config(), or a name in experiments/ "
+        f"(default: {DEFAULT_EXPERIMENT})",
+    )
+    pre.add_argument(
+        "--workdir",
+        default=None,
+        help="where checkpoints, metrics and samples go (default: runs/CONFIG)",
+    )
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
     gen.add_argument("--workdir", required=True)
     gen.add_argument("--prompt", required=True)
@@ -58,9 +67,16 @@ def _generate(args: argparse.Namespace) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     generator = load(args.workdir)
-    print(generator(args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed))
+    print(
+        generator(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    )
 
 
 def _init_distributed(config) -> None:
@@ -73,8 +89,11 @@ def _init_distributed(config) -> None:
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
         # XLA:CPU's cross-process collectives come from gloo; TPU/GPU bring their own.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
-                               num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(
+        coordinator_address=d.coordinator_address or None,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

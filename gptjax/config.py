@@ -80,8 +80,16 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "gpt2-large": _preset("gpt2-large", num_layers=36, num_heads=20, embed_dim=1280, **_GPT2),
     "gpt2-xl": _preset("gpt2-xl", num_layers=48, num_heads=25, embed_dim=1600, **_GPT2),
     "llama": _preset(
-        "llama", num_layers=6, num_heads=8, num_kv_heads=2, embed_dim=384, max_len=512,
-        position="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False,
+        "llama",
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=2,
+        embed_dim=384,
+        max_len=512,
+        position="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        tie_embeddings=False,
         use_bias=False,
     ),
 }
@@ -187,8 +195,10 @@ class Config:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else globals()[f.type]
-            for f in dataclasses.fields(Config)}
+    return {
+        f.name: f.type if isinstance(f.type, type) else globals()[f.type]
+        for f in dataclasses.fields(Config)
+    }
 
 
 def valid_keys() -> list[str]:
@@ -209,7 +219,8 @@ def _coerce(dotted: str, value: Any, want: type) -> Any:
     if type(value) is not want:
         raise ValueError(
             f"{dotted}={value!r} has type {type(value).__name__}, expected {want.__name__}; "
-            f"e.g. --{dotted}={_example(want)}")
+            f"e.g. --{dotted}={_example(want)}"
+        )
     return value
 
 
@@ -228,21 +239,24 @@ def replace(config: Config, updates: dict[str, Any]) -> Config:
         name = updates.pop("model.preset")
         if name not in MODEL_PRESETS:
             raise ValueError(
-                f"model.preset={name!r} is unknown; use one of {', '.join(MODEL_PRESETS)}")
+                f"model.preset={name!r} is unknown; use one of {', '.join(MODEL_PRESETS)}"
+            )
         config = dataclasses.replace(config, model=MODEL_PRESETS[name])
     sections = _sections()
     per_section: dict[str, dict[str, Any]] = {}
     for dotted, value in updates.items():
         section, _, key = dotted.partition(".")
-        if section not in sections or key not in {f.name for f in dataclasses.fields(
-                sections[section])}:
+        if section not in sections or key not in {
+            f.name for f in dataclasses.fields(sections[section])
+        }:
             close = difflib.get_close_matches(dotted, valid_keys(), n=1, cutoff=0.0)
             raise ValueError(f"unknown config key {dotted!r}; did you mean {close[0]!r}?")
         want = _field_type(sections[section], key)
         per_section.setdefault(section, {})[key] = _coerce(dotted, value, want)
     for section, kv in per_section.items():
         config = dataclasses.replace(
-            config, **{section: dataclasses.replace(getattr(config, section), **kv)})
+            config, **{section: dataclasses.replace(getattr(config, section), **kv)}
+        )
     return config
 
 
@@ -251,8 +265,9 @@ def parse_override(arg: str) -> tuple[str, Any]:
     body = arg[2:] if arg.startswith("--") else arg
     key, eq, text = body.partition("=")
     if not eq or "." not in key:
-        raise ValueError(f"override {arg!r} is not of the form --section.key=value, "
-                         f"e.g. --train.steps=200")
+        raise ValueError(
+            f"override {arg!r} is not of the form --section.key=value, e.g. --train.steps=200"
+        )
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -276,24 +291,33 @@ def load_experiment(spec: str) -> Config:
         try:
             module = importlib.import_module(f"experiments.{name}")
         except ModuleNotFoundError:
-            raise ValueError(f"config {spec!r} not found: pass a Python file that defines "
-                             f"get_config(), or the name of a file in experiments/") from None
+            raise ValueError(
+                f"config {spec!r} not found: pass a Python file that defines "
+                f"get_config(), or the name of a file in experiments/"
+            ) from None
     if not hasattr(module, "get_config"):
-        raise ValueError(f"config {spec!r} defines no get_config(); add one that returns "
-                         f"a gptjax.Config")
+        raise ValueError(
+            f"config {spec!r} defines no get_config(); add one that returns a gptjax.Config"
+        )
     return module.get_config()
 
 
 def validate(config: Config) -> Config:
     """Checks values that do not depend on the devices; returns ``config`` unchanged."""
     m, t, e, d = config.model, config.train, config.eval, config.data
-    _check(m.embed_dim % m.num_heads == 0,
-           f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}; "
-           f"pick num_heads from {_divisors(m.embed_dim)}")
-    _check(m.num_heads % m.kv_heads == 0,
-           f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    _check(m.position != "rope" or m.head_dim % 2 == 0,
-           f"rope needs an even head dim, got embed_dim/num_heads={m.head_dim}")
+    _check(
+        m.embed_dim % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}; "
+        f"pick num_heads from {_divisors(m.embed_dim)}",
+    )
+    _check(
+        m.num_heads % m.kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    _check(
+        m.position != "rope" or m.head_dim % 2 == 0,
+        f"rope needs an even head dim, got embed_dim/num_heads={m.head_dim}",
+    )
     for key, value, allowed in [
         ("model.position", m.position, ("learned", "rope")),
         ("model.norm", m.norm, ("layernorm", "rmsnorm")),
@@ -303,19 +327,27 @@ def validate(config: Config) -> Config:
         ("train.parallelism", t.parallelism, ("jit", "pmap")),
     ]:
         _check(value in allowed, f"{key}={value!r} is not one of {allowed}")
-    for key, value in [("model.num_layers", m.num_layers), ("model.max_len", m.max_len),
-                       ("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("eval.num_batches", e.num_batches)]:
+    for key, value in [
+        ("model.num_layers", m.num_layers),
+        ("model.max_len", m.max_len),
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum_steps", t.grad_accum_steps),
+        ("eval.num_batches", e.num_batches),
+    ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
     _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    _check(t.batch_size % t.grad_accum_steps == 0,
-           f"train.batch_size={t.batch_size} must be divisible by "
-           f"train.grad_accum_steps={t.grad_accum_steps}")
-    _check(t.learning_rate > 0 and t.min_learning_rate <= t.learning_rate,
-           f"need 0 < train.min_learning_rate <= train.learning_rate, got "
-           f"{t.min_learning_rate} and {t.learning_rate}")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size={t.batch_size} must be divisible by "
+        f"train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    _check(
+        t.learning_rate > 0 and t.min_learning_rate <= t.learning_rate,
+        f"need 0 < train.min_learning_rate <= train.learning_rate, got "
+        f"{t.min_learning_rate} and {t.learning_rate}",
+    )
     return config
 
 

@@ -19,8 +19,14 @@ from gptjax.model import GPT
 NEG_INF = -1e30
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+def sample_logits(
+    logits: jax.Array,
+    rng: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> jax.Array:
     """Draws one token per row of ``logits`` ``[B, V]`` → ``[B]`` int32.
 
     ``temperature=0`` is greedy (argmax). ``top_k > 0`` keeps the k most likely tokens;
@@ -50,9 +56,18 @@ def _next_token(params, window, length, rng, *, model: GPT, temperature, top_k, 
     return sample_logits(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)[0]
 
 
-def generate(params, model: GPT, prompt: list[int], *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_ids: frozenset[int] = frozenset()) -> list[int]:
+def generate(
+    params,
+    model: GPT,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: frozenset[int] = frozenset(),
+) -> list[int]:
     """Returns ``prompt`` followed by up to ``max_new_tokens`` sampled tokens.
 
     When the text outgrows ``max_len`` the window slides, keeping the latest tokens. Stops
@@ -62,17 +77,27 @@ def generate(params, model: GPT, prompt: list[int], *, max_new_tokens: int,
     if not prompt:
         raise ValueError("the prompt is empty; pass at least one token (e.g. the BOS id)")
     if len(prompt) > max_len:
-        raise ValueError(f"the prompt has {len(prompt)} tokens but model.max_len={max_len}; "
-                         f"shorten the prompt")
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens but model.max_len={max_len}; shorten the prompt"
+        )
     tokens = list(prompt)
     rng = jax.random.PRNGKey(seed)
     for i in range(max_new_tokens):
         context = tokens[-max_len:]
         window = np.zeros((1, max_len), np.int32)
         window[0, : len(context)] = context
-        token = int(_next_token(params, window, len(context), jax.random.fold_in(rng, i),
-                                model=model, temperature=temperature, top_k=top_k,
-                                top_p=top_p))
+        token = int(
+            _next_token(
+                params,
+                window,
+                len(context),
+                jax.random.fold_in(rng, i),
+                model=model,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+        )
         tokens.append(token)
         if token in stop_ids:
             break
@@ -88,12 +113,28 @@ class Generator:
         self.params = params
         self.tokenizer = tokenizer
 
-    def __call__(self, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> str:
         """Returns ``prompt`` and its continuation, as text."""
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
-        tokens = generate(self.params, self.model, ids, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        tokens = generate(
+            self.params,
+            self.model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
         return self.tokenizer.decode(tokens)  # lossless: starts with the prompt
 
 

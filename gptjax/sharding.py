@@ -48,18 +48,24 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     free = [k for k, v in sizes.items() if v == -1]
     bad = [f"mesh.{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
-        raise ValueError(f"{', '.join(bad) or 'more than one mesh axis is -1'}: mesh axes must "
-                         f"be positive, with at most one -1 meaning 'the rest of the devices'")
+        raise ValueError(
+            f"{', '.join(bad) or 'more than one mesh axis is -1'}: mesh axes must "
+            f"be positive, with at most one -1 meaning 'the rest of the devices'"
+        )
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh {_fmt(sizes)} cannot fill {num_devices} devices: "
-                             f"{num_devices} is not a multiple of {fixed}")
+            raise ValueError(
+                f"mesh {_fmt(sizes)} cannot fill {num_devices} devices: "
+                f"{num_devices} is not a multiple of {fixed}"
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices but "
-                         f"{num_devices} are present; make data*fsdp*tensor={num_devices} "
-                         f"(or set one axis to -1)")
+        raise ValueError(
+            f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices but "
+            f"{num_devices} are present; make data*fsdp*tensor={num_devices} "
+            f"(or set one axis to -1)"
+        )
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
@@ -75,8 +81,7 @@ def make_mesh(mesh: MeshConfig, devices: list | None = None) -> Mesh:
         # mesh_utils orders devices by the physical topology so that the innermost mesh axis
         # (tensor, the most communication-hungry) stays within the fastest links (ICI on TPU,
         # NVLink within a GPU node); a plain reshape can put tensor peers across hosts.
-        grid = mesh_utils.create_device_mesh(shape, devices=devices,
-                                             allow_split_physical_axes=True)
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     else:
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)

@@ -43,39 +43,54 @@ class TrainState:
 def lr_schedule(train: TrainConfig) -> optax.Schedule:
     """Linear warmup from 0 to ``learning_rate``, cosine decay to ``min_learning_rate``."""
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+        init_value=0.0,
+        peak_value=train.learning_rate,
+        warmup_steps=train.warmup_steps,
         decay_steps=max(train.decay_steps or train.steps, train.warmup_steps + 1),
-        end_value=train.min_learning_rate)
+        end_value=train.min_learning_rate,
+    )
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with weight decay on matrices only (not on biases,
     norm scales or — being vectors — nothing else; GPT-2/nanoGPT practice)."""
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
-    adamw = optax.adamw(lr_schedule(train), b1=train.beta1, b2=train.beta2, eps=train.eps,
-                        weight_decay=train.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(
+        lr_schedule(train),
+        b1=train.beta1,
+        b2=train.beta2,
+        eps=train.eps,
+        weight_decay=train.weight_decay,
+        mask=decay_mask,
+    )
     if train.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
     return adamw
 
 
-def init_state(config: Config, model: GPT, tx: optax.GradientTransformation,
-               rng: jax.Array) -> TrainState:
+def init_state(
+    config: Config, model: GPT, tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
     """Fresh parameters, optimizer state and dropout key. Params stay boxed with their logical
     axis names, so ``jax.eval_shape`` of this function yields the sharding specs."""
     init_rng, dropout_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, config.model.max_len), jnp.int32)
     params = model.init(init_rng, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=dropout_rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
+    )
 
 
 def loss_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None) -> tuple:
     """Summed cross-entropy over weighted targets and the summed weights: ``([], [])``."""
     logits = model.apply(
-        {"params": params}, batch["inputs"], positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"), deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng})  # [B, T, V]
+        {"params": params},
+        batch["inputs"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )  # [B, T, V]
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, T]
     weights = batch["weights"]
     return jnp.sum(nll * weights), jnp.sum(weights)
@@ -84,8 +99,7 @@ def loss_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None) -> tup
 def grad_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None, accum: int):
     """Gradient of the summed loss over ``accum`` sequential micro-batches (``lax.scan``, so
     memory is that of one micro-batch). Returns ``(grads, loss_sum, weight_sum)``."""
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, model=model, rng=r),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, model=model, rng=r), has_aux=True)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def body(carry, xs):
@@ -101,28 +115,40 @@ def grad_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None, accum:
     return grads, loss, weight
 
 
-def apply_update(state: TrainState, grads, loss_sum, weight_sum, *, tx, schedule,
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+def apply_update(
+    state: TrainState,
+    grads,
+    loss_sum,
+    weight_sum,
+    *,
+    tx,
+    schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """Normalises summed gradients by the token count and takes one optimizer step."""
     weight_sum = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / weight_sum, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train_loss": loss_sum / weight_sum, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step)}
+    metrics = {
+        "train_loss": loss_sum / weight_sum,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def train_step(state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int,
-               dropout: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int, dropout: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a (global) batch."""
     rng = jax.random.fold_in(state.rng, state.step) if dropout else None
     grads, loss, weight = grad_sums(state.params, batch, model=model, rng=rng, accum=accum)
     return apply_update(state, grads, loss, weight, tx=tx, schedule=schedule)
 
 
-def pmap_train_step(state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int,
-                    dropout: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+def pmap_train_step(
+    state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int, dropout: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """``train_step`` for one device under ``jax.pmap``: the same gradient code, then a sum of
     gradients, losses and token counts over devices (a token-weighted ``pmean``)."""
     rng = jax.random.fold_in(state.rng, state.step) if dropout else None
@@ -155,8 +181,13 @@ class Steps:
 
 
 def _step_kwargs(config: Config, model: GPT) -> dict[str, Any]:
-    return dict(model=model, tx=make_optimizer(config.train), schedule=lr_schedule(config.train),
-                accum=config.train.grad_accum_steps, dropout=config.model.dropout_rate > 0)
+    return dict(
+        model=model,
+        tx=make_optimizer(config.train),
+        schedule=lr_schedule(config.train),
+        accum=config.train.grad_accum_steps,
+        dropout=config.model.dropout_rate > 0,
+    )
 
 
 @dataclasses.dataclass
@@ -187,17 +218,28 @@ def plan_sharded(config: Config, model: GPT, devices: list | None = None) -> Sha
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     boxed = jax.eval_shape(init, rng)
     state_sharding = sharding.logical_shardings(boxed, mesh)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            nn.meta.unbox(boxed), state_sharding)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        state_sharding,
+    )
     batch_sharding = sharding.batch_sharding(mesh)
     return ShardedPlan(
-        mesh=mesh, abstract_state=abstract, batch_sharding=batch_sharding,
+        mesh=mesh,
+        abstract_state=abstract,
+        batch_sharding=batch_sharding,
         init=jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding),
-        train=jax.jit(functools.partial(train_step, **kw), donate_argnums=0,
-                      in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, None)),
-        eval=jax.jit(functools.partial(eval_step, model=model),
-                     in_shardings=(state_sharding.params, batch_sharding)))
+        train=jax.jit(
+            functools.partial(train_step, **kw),
+            donate_argnums=0,
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, None),
+        ),
+        eval=jax.jit(
+            functools.partial(eval_step, model=model),
+            in_shardings=(state_sharding.params, batch_sharding),
+        ),
+    )
 
 
 def compile_steps(config: Config, model: GPT, devices: list | None = None) -> Steps:
@@ -212,12 +254,17 @@ def compile_steps(config: Config, model: GPT, devices: list | None = None) -> St
         def run(*args):
             with plan.context():
                 return fn(*args)
+
         return run
 
-    return Steps(state=in_context(plan.init)(rng), train=in_context(plan.train),
-                 eval=in_context(plan.eval),
-                 put_batch=lambda b: sharding.global_batch(b, plan.mesh),
-                 params=lambda s: s.params, mesh=plan.mesh)
+    return Steps(
+        state=in_context(plan.init)(rng),
+        train=in_context(plan.train),
+        eval=in_context(plan.eval),
+        put_batch=lambda b: sharding.global_batch(b, plan.mesh),
+        params=lambda s: s.params,
+        mesh=plan.mesh,
+    )
 
 
 def _pmap_steps(config: Config, model: GPT, rng, devices: list | None) -> Steps:
@@ -225,20 +272,30 @@ def _pmap_steps(config: Config, model: GPT, rng, devices: list | None) -> Steps:
     n = len(devices or jax.local_devices())
     state = jax.jit(lambda r: nn.meta.unbox(init_state(config, model, kw["tx"], r)))(rng)
     state = jax.tree.map(lambda x: jnp.stack([x] * n), state)  # [n, ...] replicas
-    step = jax.pmap(functools.partial(pmap_train_step, **kw), axis_name=PMAP_AXIS,
-                    donate_argnums=0, devices=devices)
+    step = jax.pmap(
+        functools.partial(pmap_train_step, **kw),
+        axis_name=PMAP_AXIS,
+        donate_argnums=0,
+        devices=devices,
+    )
 
     def train(state, batch):
         state, metrics = step(state, batch)
         return state, jax.tree.map(lambda m: m[0], metrics)
 
     evaluate_dev = jax.pmap(
-        lambda p, b: jax.lax.psum(eval_step(p, b, model=model), PMAP_AXIS), axis_name=PMAP_AXIS,
-        devices=devices)
+        lambda p, b: jax.lax.psum(eval_step(p, b, model=model), PMAP_AXIS),
+        axis_name=PMAP_AXIS,
+        devices=devices,
+    )
 
     def put_batch(local):
         return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local.items()}
 
-    return Steps(state=state, train=train,
-                 eval=lambda params, b: jax.tree.map(lambda m: m[0], evaluate_dev(params, b)),
-                 put_batch=put_batch, params=lambda s: jax.tree.map(lambda x: x[0], s.params))
+    return Steps(
+        state=state,
+        train=train,
+        eval=lambda params, b: jax.tree.map(lambda m: m[0], evaluate_dev(params, b)),
+        put_batch=put_batch,
+        params=lambda s: jax.tree.map(lambda x: x[0], s.params),
+    )

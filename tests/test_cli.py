@@ -11,16 +11,24 @@ from gptjax.metrics import read_metrics
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptjax", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "gptjax", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny model trained for 60 steps through the CLI, as the README's smoke run."""
     w = tmp_path_factory.mktemp("run")
-    result = _cli("pretrain", "--config", "experiments/tiny.py", "--workdir", str(w),
-                  "--train.steps=60", "--eval.every_steps=30")
+    result = _cli(
+        "pretrain",
+        "--config",
+        "experiments/tiny.py",
+        "--workdir",
+        str(w),
+        "--train.steps=60",
+        "--eval.every_steps=30",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return w
 
@@ -34,8 +42,17 @@ def test_pretrain_writes_falling_loss_and_val_loss(workdir):
 
 
 def test_generate_starts_with_prompt(workdir):
-    result = _cli("generate", "--workdir", str(workdir), "--prompt", "ROMEO:",
-                  "--max-new-tokens", "30", "--seed", "1")
+    result = _cli(
+        "generate",
+        "--workdir",
+        str(workdir),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:\n")
 
@@ -43,8 +60,9 @@ def test_generate_starts_with_prompt(workdir):
 def test_console_script_is_the_same_cli():
     exe = shutil.which("gptjax")
     assert exe, "the gptjax console script is not installed (pip install -e .)"
-    result = subprocess.run([exe, "pretrain", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [exe, "pretrain", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--workdir" in result.stdout
 
 
@@ -57,13 +75,16 @@ def _error(capsys, *argv: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--train.step=5"], "did you mean 'train.steps'"),
-    (["--train.steps=many"], "train.steps='many' has type str, expected int"),
-    (["--model.num_heads=3"], "model.num_heads=3 must divide model.embed_dim=64"),
-    (["--data.source=text:does/not/exist.txt"], "does/not/exist.txt"),
-    (["--data.source=ftp:corpus"], "data.source"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--train.step=5"], "did you mean 'train.steps'"),
+        (["--train.steps=many"], "train.steps='many' has type str, expected int"),
+        (["--model.num_heads=3"], "model.num_heads=3 must divide model.embed_dim=64"),
+        (["--data.source=text:does/not/exist.txt"], "does/not/exist.txt"),
+        (["--data.source=ftp:corpus"], "data.source"),
+    ],
+)
 def test_pretrain_config_errors(capsys, tmp_path, args, match):
     line = _error(capsys, "pretrain", "--config", "tiny", "--workdir", str(tmp_path), *args)
     assert match in line
@@ -72,25 +93,43 @@ def test_pretrain_config_errors(capsys, tmp_path, args, match):
 def test_pretrain_bad_corpus_errors(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
-    assert "empty" in _error(capsys, "pretrain", "--config", "tiny", "--workdir",
-                             str(tmp_path / "w"), f"--data.source=text:{empty}").lower()
+    assert (
+        "empty"
+        in _error(
+            capsys,
+            "pretrain",
+            "--config",
+            "tiny",
+            "--workdir",
+            str(tmp_path / "w"),
+            f"--data.source=text:{empty}",
+        ).lower()
+    )
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\x01\x02\xff" * 100)
-    assert "blob.txt" in _error(capsys, "pretrain", "--config", "tiny", "--workdir",
-                                str(tmp_path / "w"), f"--data.source=text:{binary}")
+    assert "blob.txt" in _error(
+        capsys,
+        "pretrain",
+        "--config",
+        "tiny",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--data.source=text:{binary}",
+    )
 
 
 def test_generate_errors(capsys, tmp_path, workdir):
-    assert "not a gptjax workdir" in _error(capsys, "generate", "--workdir", str(tmp_path),
-                                            "--prompt", "hi")
+    assert "not a gptjax workdir" in _error(
+        capsys, "generate", "--workdir", str(tmp_path), "--prompt", "hi"
+    )
     long_prompt = "ROMEO: " * 400
-    assert "model.max_len=64" in _error(capsys, "generate", "--workdir", str(workdir),
-                                        "--prompt", long_prompt)
+    assert "model.max_len=64" in _error(
+        capsys, "generate", "--workdir", str(workdir), "--prompt", long_prompt
+    )
 
 
 def test_error_has_no_traceback_in_a_real_process(tmp_path):
-    result = _cli("pretrain", "--config", "tiny", "--workdir", str(tmp_path),
-                  "--model.num_heads=3")
+    result = _cli("pretrain", "--config", "tiny", "--workdir", str(tmp_path), "--model.num_heads=3")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("gptjax: error: model.num_heads=3")

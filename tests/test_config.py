@@ -16,17 +16,37 @@ from gptjax.config import (
 
 
 def test_required_keys_exist():
-    for key in ["train.steps", "train.batch_size", "train.seed", "train.learning_rate",
-                "model.num_layers", "model.num_heads", "model.embed_dim", "model.max_len",
-                "model.dropout_rate", "data.source", "eval.every_steps", "mesh.data",
-                "mesh.fsdp", "mesh.tensor"]:
+    for key in [
+        "train.steps",
+        "train.batch_size",
+        "train.seed",
+        "train.learning_rate",
+        "model.num_layers",
+        "model.num_heads",
+        "model.embed_dim",
+        "model.max_len",
+        "model.dropout_rate",
+        "data.source",
+        "eval.every_steps",
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.tensor",
+    ]:
         assert key in valid_keys()
 
 
 def test_overrides_are_typed():
-    c = apply_overrides(Config(), ["--train.steps=200", "--model.num_layers=2",
-                                   "--train.learning_rate=1", "--data.source=text:corpus.txt",
-                                   "--model.tie_embeddings=false", "--eval.sample_prompt=JULIET:"])
+    c = apply_overrides(
+        Config(),
+        [
+            "--train.steps=200",
+            "--model.num_layers=2",
+            "--train.learning_rate=1",
+            "--data.source=text:corpus.txt",
+            "--model.tie_embeddings=false",
+            "--eval.sample_prompt=JULIET:",
+        ],
+    )
     assert c.train.steps == 200 and c.model.num_layers == 2
     assert c.train.learning_rate == 1.0 and isinstance(c.train.learning_rate, float)
     assert c.data.source == "text:corpus.txt"
@@ -41,12 +61,15 @@ def test_unknown_key_names_the_closest():
         apply_overrides(Config(), ["--modle.num_layers=3"])
 
 
-@pytest.mark.parametrize("arg, match", [
-    ("--train.steps=abc", r"train.steps='abc' has type str, expected int"),
-    ("--train.steps=1.5", r"train.steps=1.5 has type float, expected int"),
-    ("--model.dropout_rate=high", r"expected float"),
-    ("--train.steps", r"not of the form --section.key=value"),
-])
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("--train.steps=abc", r"train.steps='abc' has type str, expected int"),
+        ("--train.steps=1.5", r"train.steps=1.5 has type float, expected int"),
+        ("--model.dropout_rate=high", r"expected float"),
+        ("--train.steps", r"not of the form --section.key=value"),
+    ],
+)
 def test_bad_values(arg, match):
     with pytest.raises(ValueError, match=match):
         apply_overrides(Config(), [arg])
@@ -74,13 +97,16 @@ def test_presets_are_valid_and_derived_values():
     assert llama.kv_heads == 2 and llama.hidden_dim == 1024
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["--model.num_heads=5"], r"model.num_heads=5 must divide model.embed_dim=256"),
-    (["--model.num_kv_heads=3"], r"num_kv_heads=3 must divide model.num_heads=4"),
-    (["--train.batch_size=30", "--train.grad_accum_steps=4"], r"divisible by"),
-    (["--model.position=alibi"], r"model.position='alibi' is not one of"),
-    (["--train.steps=0"], r"train.steps=0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--model.num_heads=5"], r"model.num_heads=5 must divide model.embed_dim=256"),
+        (["--model.num_kv_heads=3"], r"num_kv_heads=3 must divide model.num_heads=4"),
+        (["--train.batch_size=30", "--train.grad_accum_steps=4"], r"divisible by"),
+        (["--model.position=alibi"], r"model.position='alibi' is not one of"),
+        (["--train.steps=0"], r"train.steps=0 must be at least 1"),
+    ],
+)
 def test_validate_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         validate(apply_overrides(Config(), overrides))

@@ -17,9 +17,13 @@ STEPS = 20
 
 
 def _config(parallelism="jit", **mesh) -> Config:
-    return Config(model=MODEL, mesh=MeshConfig(**{"data": 1, **mesh}),
-                  train=TrainConfig(steps=STEPS, batch_size=16, warmup_steps=2,
-                                    learning_rate=3e-3, parallelism=parallelism))
+    return Config(
+        model=MODEL,
+        mesh=MeshConfig(**{"data": 1, **mesh}),
+        train=TrainConfig(
+            steps=STEPS, batch_size=16, warmup_steps=2, learning_rate=3e-3, parallelism=parallelism
+        ),
+    )
 
 
 def _batches():
@@ -28,8 +32,11 @@ def _batches():
     for _ in range(STEPS):
         start = rng.integers(0, MODEL.vocab_size, (16, 1))
         tokens = ((start + 7 * np.arange(MODEL.max_len + 1)) % MODEL.vocab_size).astype(np.int32)
-        yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-               "weights": np.ones((16, MODEL.max_len), np.float32)}
+        yield {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "weights": np.ones((16, MODEL.max_len), np.float32),
+        }
 
 
 def _train(config: Config, devices):
@@ -47,13 +54,16 @@ def reference():
     return losses, params
 
 
-@pytest.mark.parametrize("name, config", [
-    ("pmap over 8", _config("pmap")),
-    ("data=8", _config(data=8)),
-    ("fsdp=8", _config(fsdp=8)),
-    ("data=2,fsdp=2,tensor=2", _config(data=2, fsdp=2, tensor=2)),
-    ("tensor=8", _config(tensor=8)),
-])
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("pmap over 8", _config("pmap")),
+        ("data=8", _config(data=8)),
+        ("fsdp=8", _config(fsdp=8)),
+        ("data=2,fsdp=2,tensor=2", _config(data=2, fsdp=2, tensor=2)),
+        ("tensor=8", _config(tensor=8)),
+    ],
+)
 def test_layouts_match_one_device(reference, name, config):
     ref_losses, ref_params = reference
     losses, params, state = _train(config, jax.devices())
@@ -69,8 +79,10 @@ def test_parameters_really_are_sharded():
     assert up.sharding.spec[0] == "fsdp"
     assert up.sharding.shard_shape(up.shape) == (64 // 8, 256)
     mu = plan.abstract_state.opt_state  # optimizer moments follow their parameters
-    assert any(leaf.shape == up.shape and leaf.sharding.spec == up.sharding.spec
-               for leaf in jax.tree.leaves(mu))
+    assert any(
+        leaf.shape == up.shape and leaf.sharding.spec == up.sharding.spec
+        for leaf in jax.tree.leaves(mu)
+    )
     plan = plan_sharded(_config(tensor=8), GPT(MODEL), jax.devices())
     q = plan.abstract_state.params["h_0"]["attn"]["query"]["kernel"]  # [D, H, K]
     assert q.sharding.shard_shape(q.shape) == (64, 1, 8)
@@ -78,12 +90,15 @@ def test_parameters_really_are_sharded():
     assert out.sharding.shard_shape(out.shape) == (1, 8, 64)
 
 
-@pytest.mark.parametrize("mesh, match", [
-    (MeshConfig(data=3), r"needs 3 devices but 8 are present"),
-    (MeshConfig(data=-1, fsdp=3), r"cannot fill 8 devices"),
-    (MeshConfig(data=-1, fsdp=-1), r"at most one -1"),
-    (MeshConfig(data=0), r"mesh.data=0"),
-])
+@pytest.mark.parametrize(
+    "mesh, match",
+    [
+        (MeshConfig(data=3), r"needs 3 devices but 8 are present"),
+        (MeshConfig(data=-1, fsdp=3), r"cannot fill 8 devices"),
+        (MeshConfig(data=-1, fsdp=-1), r"at most one -1"),
+        (MeshConfig(data=0), r"mesh.data=0"),
+    ],
+)
 def test_bad_mesh(mesh, match):
     with pytest.raises(ValueError, match=match):
         sharding.make_mesh(mesh, jax.devices())

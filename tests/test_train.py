@@ -16,8 +16,11 @@ TINY = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=100, max_len=16)
 
 
 def _config(**train) -> Config:
-    return Config(model=TINY, train=TrainConfig(**{"steps": 10, "warmup_steps": 2, **train}),
-                  mesh=dataclasses.replace(Config().mesh, data=1))
+    return Config(
+        model=TINY,
+        train=TrainConfig(**{"steps": 10, "warmup_steps": 2, **train}),
+        mesh=dataclasses.replace(Config().mesh, data=1),
+    )
 
 
 def _batch(batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -56,8 +59,9 @@ def test_padding_weights_are_ignored():
 
 
 def test_schedule_warmup_then_cosine_floor():
-    s = lr_schedule(TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3,
-                                min_learning_rate=1e-4))
+    s = lr_schedule(
+        TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_learning_rate=1e-4)
+    )
     assert float(s(0)) == 0.0
     assert float(s(10)) == pytest.approx(1e-3)
     assert float(s(100)) == pytest.approx(1e-4)
@@ -65,8 +69,10 @@ def test_schedule_warmup_then_cosine_floor():
 
 
 def test_tiny_experiment_loss_falls_and_evaluates(tmp_path):
-    config = apply_overrides(load_experiment("tiny"), [
-        "--train.steps=40", "--eval.every_steps=20", "--eval.sample_tokens=10"])
+    config = apply_overrides(
+        load_experiment("tiny"),
+        ["--train.steps=40", "--eval.every_steps=20", "--eval.sample_tokens=10"],
+    )
     final = pretrain(config, tmp_path)
     records = read_metrics(tmp_path)
     train = [r["train_loss"] for r in records if "train_loss" in r]
