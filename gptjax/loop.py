@@ -100,7 +100,26 @@ def evaluate(steps: Steps, state, batches: list[dict[str, np.ndarray]]) -> dict[
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
+@dataclasses.dataclass
+class Task:
+    """What a run trains on: pretraining text and chat fine-tuning differ only here.
+
+    ``sample(params, seed) -> str`` shows the model's behaviour at each evaluation;
+    ``init_params`` (plain arrays) replace the fresh initialisation, e.g. a pretrained model.
+    """
+
+    name: str
+    tokenizer: Tokenizer
+    description: str
+    train_iterator: Any  # grain DatasetIterator of host-local batches
+    val_batches: list[dict[str, np.ndarray]]
+    sample: Callable[[Any, int], str] | None = None
+    init_params: Any = None
+    eval_at_start: bool = False
+
+
 def sample_text(config: Config, model: GPT, params, tokenizer: Tokenizer, seed: int) -> str:
+    """Continues ``eval.sample_prompt`` with ``eval.sample_tokens`` sampled tokens."""
     e = config.eval
     prompt = tokenizer.encode(e.sample_prompt) or [tokenizer.bos_id]
     tokens = generate(
@@ -116,52 +135,86 @@ def sample_text(config: Config, model: GPT, params, tokenizer: Tokenizer, seed: 
 
 
 def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint if any) and
-    returns the final metrics."""
-    workdir = Path(workdir)
-    lead = jax.process_index() == 0
-    say: Log = log if lead else (lambda _: None)
+    """Pretrains ``config`` on its text source in ``workdir`` (resuming from the latest
+    checkpoint if any) and returns the final metrics."""
     validate(config)
+    say = _lead_only(log)
     corpus = data.load_corpus(config.data, log=say)
     config = with_vocab(config, corpus.tokenizer)
+    common = dict(
+        max_len=config.model.max_len,
+        pad_id=corpus.tokenizer.pad_id,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    task = Task(
+        name="pretrain",
+        tokenizer=corpus.tokenizer,
+        description=corpus.description,
+        train_iterator=data.train_batches(
+            corpus.train_tokens,
+            global_batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            **common,
+        ),
+        val_batches=data.eval_batches(
+            corpus.val_tokens,
+            global_batch_size=config.eval.batch_size or config.train.batch_size,
+            num_batches=config.eval.num_batches,
+            **common,
+        ),
+    )
+    model = GPT(config.model)
+    if config.eval.sample_tokens:
+        task.sample = lambda params, seed: sample_text(config, model, params, task.tokenizer, seed)
+    return run(config, workdir, task, log=log)
+
+
+def _lead_only(log: Log) -> Log:
+    return log if jax.process_index() == 0 else (lambda _: None)
+
+
+def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) -> dict[str, Any]:
+    """The loop shared by pretraining and fine-tuning: preflight → init or resume → train
+    (log, evaluate, sample, checkpoint) → final checkpoint. Returns the final metrics."""
+    workdir, say = Path(workdir), _lead_only(log)
     shape = preflight(config)
-    say(corpus.description)
-    if lead:
-        write_workdir(workdir, config, corpus.tokenizer)
+    say(task.description)
+    if jax.process_index() == 0:
+        write_workdir(workdir, config, task.tokenizer)
     model = GPT(config.model)
     num_params = count_params(config.model)
+    m = config.model
     say(
-        f"model: {num_params:,} parameters ({config.model.preset} preset, "
-        f"{config.model.num_layers} layers × {config.model.embed_dim} dims, vocab "
-        f"{config.model.vocab_size} padded to {config.model.padded_vocab_size}); "
+        f"model: {num_params:,} parameters ({m.preset} preset, {m.num_layers} layers × "
+        f"{m.embed_dim} dims, vocab {m.vocab_size} padded to {m.padded_vocab_size}); "
         f"{jax.device_count()} devices, {config.train.parallelism} mesh data,fsdp,tensor={shape}"
     )
     t0 = time.time()
-    steps = compile_steps(config, model)
-    train_it = _train_iterator(config, corpus)
+    steps = compile_steps(config, model, init_params=task.init_params)
     ckpt = Checkpointer(workdir)
     state = steps.state
     if ckpt.latest_step() is not None and config.train.parallelism == "jit":
         state, data_state = ckpt.restore(_abstract(state))
-        train_it.set_state(data_state)
+        task.train_iterator.set_state(data_state)
         say(f"resumed from {ckpt.directory / str(ckpt.latest_step())} at step {int(state.step)}")
-    val_batches = _val_batches(config, corpus)
-    with MetricsWriter(workdir, enabled=lead) as writer:
-        state, final = _run(
-            config,
-            steps,
-            state,
-            train_it,
-            val_batches,
-            writer,
-            ckpt,
-            model,
-            corpus.tokenizer,
-            say,
-            num_params,
-            t0,
-        )
-    ckpt.save(state, data_state=train_it.get_state(), config=config, tokenizer=corpus.tokenizer)
+    loop = _Loop(
+        config,
+        steps,
+        task,
+        MetricsWriter(workdir, enabled=jax.process_index() == 0),
+        ckpt,
+        say,
+        num_params,
+        t0,
+    )
+    try:
+        state, final = loop.train(state)
+    finally:
+        loop.writer.close()
+    ckpt.save(
+        state, data_state=task.train_iterator.get_state(), config=config, tokenizer=task.tokenizer
+    )
     ckpt.wait()
     ckpt.close()
     return final
@@ -173,107 +226,94 @@ def _abstract(state):
     )
 
 
-def _train_iterator(config: Config, corpus: data.Corpus):
-    return data.train_batches(
-        corpus.train_tokens,
-        max_len=config.model.max_len,
-        global_batch_size=config.train.batch_size,
-        seed=config.train.seed,
-        pad_id=corpus.tokenizer.pad_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+@dataclasses.dataclass
+class _Loop:
+    config: Config
+    steps: Steps
+    task: Task
+    writer: MetricsWriter
+    ckpt: Checkpointer
+    say: Log
+    num_params: int
+    t0: float
 
-
-def _val_batches(config: Config, corpus: data.Corpus):
-    return data.eval_batches(
-        corpus.val_tokens,
-        max_len=config.model.max_len,
-        global_batch_size=config.eval.batch_size or config.train.batch_size,
-        num_batches=config.eval.num_batches,
-        pad_id=corpus.tokenizer.pad_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
-def _run(
-    config, steps, state, train_it, val_batches, writer, ckpt, model, tokenizer, say, num_params, t0
-):
-    t, e = config.train, config.eval
-    start = int(jax.device_get(state.step))
-    tokens_per_step = t.batch_size * config.model.max_len
-    flops = flops_per_token(config.model, num_params) * tokens_per_step
-    final: dict[str, Any] = {}
-    bar = tqdm(
-        total=t.steps,
-        initial=start,
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-        mininterval=1.0,
-    )
-    tick, tick_step = time.time(), start
-    for step in range(start + 1, t.steps + 1):
-        state, metrics = steps.train(state, steps.put_batch(next(train_it)))
-        if step == start + 1:
-            jax.block_until_ready(metrics)
-            say_bar(bar, f"step {step}: compiled and ran the first step in {time.time() - t0:.1f}s")
-            tick, tick_step = time.time(), step
-        if step % t.log_every_steps == 0 or step == t.steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(metrics["train_loss"]):
-                raise FloatingPointError(f"non-finite train_loss at step {step}")
-            elapsed = time.time() - tick
-            if step > tick_step and elapsed > 0:
-                metrics["tokens_per_sec"] = (step - tick_step) * tokens_per_step / elapsed
-                metrics["step_time_ms"] = 1000 * elapsed / (step - tick_step)
-                metrics["tflops_per_sec"] = flops * (step - tick_step) / elapsed / 1e12
-            writer.write(step, **metrics)
-            bar.set_postfix(
-                loss=f"{metrics['train_loss']:.3f}",
-                tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}",
+    def train(self, state) -> tuple[Any, dict[str, Any]]:
+        t = self.config.train
+        start = int(jax.device_get(state.step))
+        self.bar = tqdm(
+            total=t.steps,
+            initial=start,
+            desc=self.task.name,
+            unit="step",
+            dynamic_ncols=True,
+            disable=jax.process_index() != 0,
+            mininterval=1.0,
+        )
+        final: dict[str, Any] = {}
+        if self.task.eval_at_start and start == 0:
+            final.update(self.evaluate(state, 0))
+        tick, tick_step = time.time(), start
+        for step in range(start + 1, t.steps + 1):
+            state, metrics = self.steps.train(
+                state, self.steps.put_batch(next(self.task.train_iterator))
             )
-            final.update(metrics)
-            tick, tick_step = time.time(), step
-        if (e.every_steps and step % e.every_steps == 0) or step == t.steps:
-            final.update(
-                _eval_and_sample(
-                    config, steps, state, val_batches, writer, model, tokenizer, step, bar, say
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                self.note(
+                    f"step {step}: compiled and ran the first step in {time.time() - self.t0:.1f}s"
                 )
-            )
-            tick = time.time()
-        if (
-            config.checkpoint.every_steps
-            and step % config.checkpoint.every_steps == 0
-            and step != t.steps
-        ):
-            ckpt.save(state, data_state=train_it.get_state(), config=config, tokenizer=tokenizer)
-        bar.update(1)
-    bar.close()
-    final["wall_time_s"] = time.time() - t0
-    return state, final
+                tick, tick_step = time.time(), step
+            if step % t.log_every_steps == 0 or step == t.steps:
+                final.update(self.log_train(step, metrics, time.time() - tick, step - tick_step))
+                tick, tick_step = time.time(), step
+            e = self.config.eval
+            if (e.every_steps and step % e.every_steps == 0) or step == t.steps:
+                final.update(self.evaluate(state, step))
+                tick = time.time()
+            every = self.config.checkpoint.every_steps
+            if every and step % every == 0 and step != t.steps:
+                self.ckpt.save(
+                    state,
+                    data_state=self.task.train_iterator.get_state(),
+                    config=self.config,
+                    tokenizer=self.task.tokenizer,
+                )
+            self.bar.update(1)
+        self.bar.close()
+        final["wall_time_s"] = time.time() - self.t0
+        return state, final
 
+    def log_train(self, step: int, metrics, elapsed: float, steps_done: int) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"non-finite train_loss at step {step}")
+        if steps_done > 0 and elapsed > 0:
+            tokens = self.config.train.batch_size * self.config.model.max_len * steps_done
+            flops = flops_per_token(self.config.model, self.num_params) * tokens
+            metrics["tokens_per_sec"] = tokens / elapsed
+            metrics["step_time_ms"] = 1000 * elapsed / steps_done
+            metrics["tflops_per_sec"] = flops / elapsed / 1e12
+        self.writer.write(step, **metrics)
+        self.bar.set_postfix(
+            loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}"
+        )
+        return metrics
 
-def _eval_and_sample(
-    config, steps, state, val_batches, writer, model, tokenizer, step, bar, say
-) -> dict[str, float]:
-    result = evaluate(steps, state, val_batches)
-    writer.write(step, **result)
-    say_bar(
-        bar, f"step {step}: val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})"
-    )
-    if config.eval.sample_tokens:  # every process samples: the params span all of them
-        text = sample_text(config, model, steps.params(state), tokenizer, seed=step)
-        say_bar(bar, f"--- sample at step {step} ---\n{text}\n---")
-    return result
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        result = evaluate(self.steps, state, self.task.val_batches)
+        self.writer.write(step, **result)
+        self.note(
+            f"step {step}: val_loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f})"
+        )
+        if self.task.sample:  # every process samples: the params span all of them
+            text = self.task.sample(self.steps.params(state), step)
+            self.note(f"--- sample at step {step} ---\n{text}\n---")
+        return result
 
-
-def say_bar(bar: tqdm, text: str) -> None:
-    """Prints above the progress bar (process 0 only)."""
-    if not bar.disable:
-        bar.write(text)
+    def note(self, text: str) -> None:
+        """Prints above the progress bar (process 0 only)."""
+        if not self.bar.disable:
+            self.bar.write(text)
 
 
 def load_workdir_config(workdir: str | Path) -> Config:

@@ -242,12 +242,18 @@ def plan_sharded(config: Config, model: GPT, devices: list | None = None) -> Sha
     )
 
 
-def compile_steps(config: Config, model: GPT, devices: list | None = None) -> Steps:
+def compile_steps(
+    config: Config, model: GPT, devices: list | None = None, init_params: Callable | None = None
+) -> Steps:
     """Initialises the state on ``devices`` (default: all) and wraps the step functions for
-    ``config.train.parallelism``: "jit" over a ``(data, fsdp, tensor)`` mesh, or "pmap"."""
+    ``config.train.parallelism``: "jit" over a ``(data, fsdp, tensor)`` mesh, or "pmap".
+
+    ``init_params(abstract_params) -> params``, when given, supplies the starting parameters
+    (e.g. restored from a pretrained checkpoint straight into the abstract shardings).
+    """
     rng = jax.random.PRNGKey(config.train.seed)  # raw uint32[2]: checkpointable as is
     if config.train.parallelism == "pmap":
-        return _pmap_steps(config, model, rng, devices)
+        return _pmap_steps(config, model, rng, devices, init_params)
     plan = plan_sharded(config, model, devices)
 
     def in_context(fn):
@@ -257,8 +263,11 @@ def compile_steps(config: Config, model: GPT, devices: list | None = None) -> St
 
         return run
 
+    state = in_context(plan.init)(rng)
+    if init_params is not None:
+        state = state.replace(params=init_params(plan.abstract_state.params))
     return Steps(
-        state=in_context(plan.init)(rng),
+        state=state,
         train=in_context(plan.train),
         eval=in_context(plan.eval),
         put_batch=lambda b: sharding.global_batch(b, plan.mesh),
@@ -267,10 +276,12 @@ def compile_steps(config: Config, model: GPT, devices: list | None = None) -> St
     )
 
 
-def _pmap_steps(config: Config, model: GPT, rng, devices: list | None) -> Steps:
+def _pmap_steps(config: Config, model: GPT, rng, devices: list | None, init_params) -> Steps:
     kw = _step_kwargs(config, model)
     n = len(devices or jax.local_devices())
     state = jax.jit(lambda r: nn.meta.unbox(init_state(config, model, kw["tx"], r)))(rng)
+    if init_params is not None:
+        state = state.replace(params=init_params(jax.eval_shape(lambda: state.params)))
     state = jax.tree.map(lambda x: jnp.stack([x] * n), state)  # [n, ...] replicas
     step = jax.pmap(
         functools.partial(pmap_train_step, **kw),

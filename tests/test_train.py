@@ -46,7 +46,7 @@ def test_grad_accumulation_equals_bigger_batch():
     accum, p_accum = _run(_config(batch_size=8, grad_accum_steps=4), batches)
     np.testing.assert_allclose(accum, whole, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p_accum), jax.tree.leaves(p_whole), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # Adam amplifies ~0 grads
 
 
 def test_padding_weights_are_ignored():
