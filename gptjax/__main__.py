@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="where checkpoints, metrics and samples go (default: runs/CONFIG)",
     )
+    pre.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the train step for the configured mesh and print per-device memory, "
+        "without allocating or training",
+    )
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
     gen.add_argument("--workdir", required=True)
     gen.add_argument("--prompt", required=True)
@@ -55,10 +61,40 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     _init_distributed(config)
     from gptjax.loop import pretrain
 
+    if args.dry_run:
+        _dry_run(config)
+        return
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     final = pretrain(config, workdir)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
     print(f"done: {summary}; outputs in {workdir}")
+
+
+def _dry_run(config) -> None:
+    """Prints what one device will hold for this config and mesh; allocates nothing."""
+    from gptjax import data
+    from gptjax.loop import preflight, with_vocab
+    from gptjax.metrics import flops_per_token
+    from gptjax.model import GPT, count_params
+    from gptjax.train import memory_plan
+
+    if not config.model.vocab_size:  # the vocabulary comes from the data's tokenizer
+        config = with_vocab(config, data.load_corpus(config.data).tokenizer)
+    shape = preflight(config)
+    plan = memory_plan(config, GPT(config.model))
+    n = count_params(config.model)
+    mib = {k: v / 2**20 for k, v in plan.items() if k.endswith("bytes")}
+    print(
+        f"model {config.model.preset}: {n:,} parameters, "
+        f"{flops_per_token(config.model, n) / 1e9:.3f} GFLOPs per trained token"
+    )
+    print(f"mesh data,fsdp,tensor={shape} over {plan['devices']} devices; per device:")
+    print(f"  parameters        {mib['param_bytes']:10.1f} MiB")
+    print(f"  optimizer state   {mib['opt_state_bytes']:10.1f} MiB")
+    print(f"  step arguments    {mib['argument_bytes']:10.1f} MiB (state + batch, compiled)")
+    print(f"  temporaries       {mib['temp_bytes']:10.1f} MiB (activations, gradients)")
+    peak = mib["argument_bytes"] + mib["output_bytes"] - mib["alias_bytes"] + mib["temp_bytes"]
+    print(f"  peak estimate     {peak:10.1f} MiB")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -310,3 +311,44 @@ def _pmap_steps(config: Config, model: GPT, rng, devices: list | None, init_para
         put_batch=put_batch,
         params=lambda s: jax.tree.map(lambda x: x[0], s.params),
     )
+
+
+def memory_plan(config: Config, model: GPT, devices: list | None = None) -> dict[str, float]:
+    """Lowers and compiles the sharded train step from abstract shapes — nothing is allocated —
+    and returns per-device bytes: parameters and optimizer state (from their shardings) and the
+    compiler's own account (``compiled.memory_analysis()``) of arguments, outputs and
+    temporaries."""
+    plan = plan_sharded(config, model, devices)
+    b, t = config.train.batch_size, config.model.max_len
+    batch = {
+        "inputs": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=plan.batch_sharding),
+        "targets": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=plan.batch_sharding),
+        "weights": jax.ShapeDtypeStruct((b, t), jnp.float32, sharding=plan.batch_sharding),
+    }
+    with plan.context():
+        compiled = plan.train.lower(plan.abstract_state, batch).compile()
+    mem = compiled.memory_analysis()
+
+    def shard_bytes(tree) -> int:
+        return sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(tree)
+        )
+
+    def total_bytes(tree) -> int:
+        return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    state = plan.abstract_state
+    return {
+        "devices": plan.mesh.size,
+        "param_bytes": shard_bytes(state.params),
+        "opt_state_bytes": shard_bytes(state.opt_state),
+        "total_state_bytes": total_bytes(state),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "batch_bytes": sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in batch.values()
+        ),
+    }

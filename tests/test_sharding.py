@@ -9,7 +9,7 @@ import pytest
 from gptjax import sharding
 from gptjax.config import Config, MeshConfig, ModelConfig, TrainConfig
 from gptjax.model import GPT
-from gptjax.train import compile_steps, plan_sharded
+from gptjax.train import compile_steps, memory_plan, plan_sharded
 
 # 8 heads and an MLP of 256 so that tensor=8 divides them; vocab padded to 128.
 MODEL = ModelConfig(num_layers=2, num_heads=8, embed_dim=64, max_len=16, vocab_size=100)
@@ -117,3 +117,32 @@ def test_host_local_batch_becomes_global():
     np.testing.assert_array_equal(np.asarray(out), local["inputs"])
     assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
     assert dataclasses.is_dataclass(MeshConfig())
+
+
+def test_fsdp_memory_is_split_across_devices():
+    """Compiled per-device state bytes under fsdp=8 are about 1/8 of the whole state."""
+    plan = memory_plan(_config(fsdp=8), GPT(MODEL), jax.devices())
+    state_per_device = plan["argument_bytes"] - plan["batch_bytes"]
+    assert plan["param_bytes"] + plan["opt_state_bytes"] <= 1.15 * plan["total_state_bytes"] / 8
+    assert state_per_device <= 1.15 * plan["total_state_bytes"] / 8, plan
+    replicated = memory_plan(_config(data=8), GPT(MODEL), jax.devices())
+    assert replicated["argument_bytes"] - replicated["batch_bytes"] >= plan["total_state_bytes"]
+
+
+def test_dry_run_prints_per_device_memory(capsys):
+    from gptjax.__main__ import main
+
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            "tiny",
+            "--dry-run",
+            "--model.vocab_size=512",
+            "--mesh.data=1",
+            "--mesh.fsdp=8",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "over 8 devices" in out and "optimizer state" in out and "temporaries" in out
