@@ -191,7 +191,7 @@ def read_windows(
     }
 
 
-def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
     """This process's contiguous rows ``[p*b, (p+1)*b)`` of every global batch."""
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(
@@ -224,7 +224,7 @@ def train_batches(
     supports ``get_state()``/``set_state()``; its state is the global batch count, the same for
     every process count. Yields ``inputs``/``targets`` int32 [B, T], ``weights`` float32 [B, T].
     """
-    rows = _process_rows(global_batch_size, process_index, process_count)
+    rows = process_rows(global_batch_size, process_index, process_count)
     n = num_windows(len(corpus_tokens), max_len)
     if len(corpus_tokens) < max_len + 1:
         raise ValueError(
@@ -261,7 +261,7 @@ def eval_batches(
     A short split gives fewer batches (all its windows); the last one is filled up with
     weight-0 rows so every batch has the same shapes ([B, T], as ``train_batches``).
     """
-    rows = _process_rows(global_batch_size, process_index, process_count)
+    rows = process_rows(global_batch_size, process_index, process_count)
     n = num_windows(len(corpus_tokens), max_len)
     if n == 0:
         raise ValueError(
