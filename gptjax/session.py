@@ -1,0 +1,72 @@
+"""A multi-turn chat kept inside the model's context window (used by ``gptjax chat``).
+
+``ChatSession`` holds the message history; before each reply it drops the oldest
+user/assistant turns (never the system prompt) until the rendered conversation plus room for
+the reply fits ``model.max_len``, and says how many it dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gptjax.chat import render_prompt
+from gptjax.generate import Generator
+
+
+class ChatSession:
+    """``session.send("Hi") -> reply``; ``session.reset()`` forgets all but the system prompt."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ):
+        self.generator = generator
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling
+        self.turns: list[dict[str, str]] = []
+        self.dropped = 0  # turns dropped by the last send()
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def _fit(self) -> None:
+        """Drops the oldest turns until prompt + reply room fits the context window."""
+        budget = self.generator.config.model.max_len - self.max_new_tokens
+        tokenizer = self.generator.tokenizer
+        self.dropped = 0
+        while len(render_prompt(self.system + self.turns, tokenizer)) > budget:
+            if len(self.turns) <= 1:
+                raise ValueError(
+                    f"the message alone needs more than model.max_len - max_new_tokens = "
+                    f"{budget} tokens; shorten it or lower --max-new-tokens"
+                )
+            # Drop a whole exchange (user + assistant) so the history keeps its roles in turn.
+            cut = 2 if len(self.turns) > 2 else 1
+            self.turns = self.turns[cut:]
+            self.dropped += cut
+
+    def send(self, text: str, stream: Callable[[str], Any] | None = None) -> str:
+        """Adds the user's ``text``, returns (and streams) the assistant's reply."""
+        self.turns.append({"role": "user", "content": text})
+        try:
+            self._fit()
+        except ValueError:
+            self.turns.pop()
+            raise
+        reply = self.generator.chat(
+            self.system + self.turns,
+            max_new_tokens=self.max_new_tokens,
+            stream=stream,
+            **self.sampling,
+        )
+        if reply.strip():
+            self.turns.append({"role": "assistant", "content": reply})
+        else:  # a blank reply is no turn (the template has no blank messages): forget both
+            self.turns.pop()
+        return reply
