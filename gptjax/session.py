@@ -37,14 +37,17 @@ class ChatSession:
 
     def _fit(self) -> None:
         """Drops the oldest turns until prompt + reply room fits the context window."""
-        budget = self.generator.config.model.max_len - self.max_new_tokens
+        max_len = self.generator.config.model.max_len
+        # Room for the reply, but never more than half the window: a reply that outgrows it
+        # simply ends at max_len.
+        budget = max_len - min(self.max_new_tokens, max_len // 2)
         tokenizer = self.generator.tokenizer
         self.dropped = 0
         while len(render_prompt(self.system + self.turns, tokenizer)) > budget:
             if len(self.turns) <= 1:
                 raise ValueError(
-                    f"the message alone needs more than model.max_len - max_new_tokens = "
-                    f"{budget} tokens; shorten it or lower --max-new-tokens"
+                    f"the message alone needs more than the {budget} tokens left for it in "
+                    f"model.max_len={max_len}; shorten it or lower --max-new-tokens"
                 )
             # Drop a whole exchange (user + assistant) so the history keeps its roles in turn.
             cut = 2 if len(self.turns) > 2 else 1
