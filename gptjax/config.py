@@ -174,8 +174,8 @@ class DistConfig:
     """Multi-process (multi-host) setup through ``jax.distributed``."""
 
     coordinator_address: str = ""  # "host:port"; "" = auto-detect where JAX can (TPU, SLURM)
-    num_processes: int = 1
-    process_id: int = 0
+    num_processes: int = 1  # 0 = auto-detect (Cloud TPU, SLURM, Open MPI)
+    process_id: int = 0  # ignored when num_processes=0
 
 
 @dataclasses.dataclass(frozen=True)
