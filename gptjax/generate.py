@@ -1,111 +1,354 @@
-"""Sampling from a trained model.
+"""Sampling from a trained model: prefill once, then decode with a KV cache in a compiled loop.
 
-``sample_logits`` applies temperature, top-k and top-p (nucleus) filtering to a ``[B, V]`` batch
-of logits. ``generate`` extends a prompt token by token, recomputing the model over a fixed
-``[1, max_len]`` window so the forward pass compiles once.
+Three layers, lowest first:
+
+- ``sample_logits``: temperature, top-k and top-p (nucleus) filtering of ``[B, V]`` logits.
+- ``generate_batch`` / ``generate``: token ids in, token ids out. A batch of prompts of
+  different lengths is **right-padded**: row b's token t sits at position t and in cache slot t
+  (``gptjax/model.py``), so no row pays for another's padding and every row may grow to
+  ``max_len``. The prompts are padded to a bucket (a multiple of ``PROMPT_BUCKET``, at most
+  ``max_len``) and prefilled in one forward pass; the cache always holds ``max_len`` slots.
+  Decoding is a ``lax.while_loop`` with fixed shapes whose step count is an argument, so
+  nothing recompiles per token, per prompt length within a bucket, or per ``max_new_tokens``;
+  temperature and top-p are traced too (only greedy-or-not, top-k and top-p-or-not are static).
+  The loop runs in chunks when there is a host-side ``on_token`` hook (streaming, stop
+  strings): each chunk (one token at first, then about ``STREAM_INTERVAL_S`` of decoding)
+  hands its tokens to the hook in order as soon as it is done.
+- ``Generator`` (``load(workdir)``): text in, text out, like Hugging Face's
+  ``pipeline("text-generation")``; also ``chat(messages)``, stop strings and text streaming.
+
+A row stops after a stop id (end-of-turn, EOS; the stop token is kept in its ids), when the
+hook says so, after ``max_new_tokens``, or when prompt + continuation fill ``max_len``: no
+sliding window (a chat caller trims history instead). Randomness: row i samples with the key
+``seed + i`` folded with the step, so row i of a batch draws exactly what that prompt draws
+alone with ``seed=seed + i``.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gptjax.model import GPT
+from gptjax.model import GPT, KVCache, init_cache
 
 NEG_INF = -1e30
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: one prefill compile per bucket
+# With a host hook (streaming, stop strings) decoding runs in chunks, each sized from the last
+# one's speed to take about STREAM_INTERVAL_S (at most MAX_CHUNK tokens): a compiled call
+# costs ~0.2 ms on top of its steps, so one token per call would halve a small model's speed.
+STREAM_INTERVAL_S = 0.05
+MAX_CHUNK = 64
 
 
 def sample_logits(
     logits: jax.Array,
     rng: jax.Array,
     *,
-    temperature: float = 1.0,
+    temperature: float | jax.Array = 1.0,
     top_k: int = 0,
-    top_p: float = 1.0,
+    top_p: float | jax.Array = 1.0,
 ) -> jax.Array:
     """Draws one token per row of ``logits`` ``[B, V]`` → ``[B]`` int32.
 
-    ``temperature=0`` is greedy (argmax). ``top_k > 0`` keeps the k most likely tokens;
-    ``top_p < 1`` keeps the smallest set whose probability reaches ``top_p``.
+    ``temperature=0`` (a Python number) is greedy (argmax). ``top_k > 0`` keeps the k most
+    likely tokens; ``top_p < 1`` keeps the smallest set whose probability reaches ``top_p``.
+    ``rng`` is one key, or ``[B]`` keys (one per row). ``temperature`` and ``top_p`` may be
+    traced scalars (a traced ``top_p`` always filters; 1.0 keeps everything).
     """
     logits = logits.astype(jnp.float32)
-    if temperature == 0:
+    if isinstance(temperature, (int, float)) and temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < kth, NEG_INF, logits)
-    if top_p < 1.0:
+    if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
         # The smallest logit still inside the nucleus: first index where cum >= top_p.
         cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # [B, 1]
+        cutoff_idx = jnp.minimum(cutoff_idx, logits.shape[-1] - 1)  # cum may end at 1 - eps
         cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
         logits = jnp.where(logits < cutoff, NEG_INF, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if rng.ndim == 0:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
+    return draw(rng, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"))
-def _next_token(params, window, length, rng, *, model: GPT, temperature, top_k, top_p):
-    logits = model.apply({"params": params}, window)  # [1, T, V]
-    last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, V]
-    return sample_logits(last, rng, temperature=temperature, top_k=top_k, top_p=top_p)[0]
+class DecodeState(NamedTuple):
+    """What the decode loop carries; every shape is fixed by (B, max_len)."""
+
+    cache: KVCache  # per layer (k, v) [B*G, S, K]
+    tokens: jax.Array  # [B, S] int32: prompt then continuation, right-padded with 0
+    lengths: jax.Array  # [B] int32: valid tokens per row
+    done: jax.Array  # [B] bool
+    logits: jax.Array  # [B, V] float32: the next token's logits
+    step: jax.Array  # [] int32: tokens decoded so far (the rng is folded with it)
 
 
-def generate(
+@functools.partial(jax.jit, static_argnames="model")
+def _prefill(params, prompts: jax.Array, lengths: jax.Array, *, model: GPT) -> DecodeState:
+    """Runs the right-padded ``prompts [B, P]`` through the model once, filling the cache."""
+    b, p = prompts.shape
+    s = model.config.max_len
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    cache = init_cache(model.config, b)
+    logits, cache = model.apply(
+        {"params": params}, prompts, positions=positions, cache=cache
+    )  # [B, P, V]
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    tokens = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompts)  # [B, S]
+    return DecodeState(cache, tokens, lengths, lengths >= s, last, jnp.zeros((), jnp.int32))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "greedy", "top_k", "nucleus"),
+    donate_argnames="state",
+)
+def _decode(
+    params,
+    state: DecodeState,
+    num_steps: jax.Array,
+    ended: jax.Array,
+    seeds: jax.Array,
+    is_stop: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    model: GPT,
+    greedy: bool,
+    top_k: int,
+    nucleus: bool,
+) -> DecodeState:
+    """Decodes up to ``num_steps`` tokens per live row (fewer if every row is done).
+
+    ``ended [B]`` bool: rows the host has ended; ``seeds [B]`` int32: per-row rng seeds;
+    ``is_stop [V]`` bool: ids that end a row.
+    """
+    s = model.config.max_len
+    rows = jnp.arange(state.tokens.shape[0])  # [B]
+    keys = jax.vmap(jax.random.key)(seeds)  # [B]
+    state = state._replace(done=state.done | ended)
+
+    def step(carry):
+        st, i = carry
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, st.step)  # [B]
+        token = sample_logits(
+            st.logits,
+            step_keys,
+            temperature=0 if greedy else temperature,
+            top_k=top_k,
+            top_p=top_p if nucleus else 1.0,
+        )  # [B]
+        live = ~st.done
+        slot = jnp.minimum(st.lengths, s - 1)  # finished rows decode garbage at a valid slot
+        tokens = st.tokens.at[rows, jnp.where(live, slot, s)].set(token, mode="drop")
+        logits, cache = model.apply(
+            {"params": params}, token[:, None], positions=slot[:, None], cache=st.cache
+        )  # [B, 1, V]
+        lengths = st.lengths + live
+        done = st.done | (live & (is_stop[token] | (lengths >= s)))
+        return DecodeState(cache, tokens, lengths, done, logits[:, 0], st.step + 1), i + 1
+
+    def more(carry):
+        st, i = carry
+        return (i < num_steps) & ~jnp.all(st.done)
+
+    return jax.lax.while_loop(more, step, (state, jnp.zeros((), jnp.int32)))[0]
+
+
+def _check_args(prompts, max_len: int, max_new_tokens: int, temperature, top_k, top_p) -> None:
+    if not prompts:
+        raise ValueError("no prompts given; pass at least one list of token ids")
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompt {i} is empty; pass at least one token (e.g. the BOS id)")
+        if len(p) > max_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens but model.max_len={max_len}; "
+                f"shorten the prompt (or trim the chat history) to at most {max_len} tokens"
+            )
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; "
+            f"got {max_new_tokens}, {temperature}, {top_k}, {top_p}"
+        )
+
+
+def _prompt_bucket(length: int, max_len: int) -> int:
+    return min(max_len, PROMPT_BUCKET * -(-length // PROMPT_BUCKET))
+
+
+def generate_batch(
     params,
     model: GPT,
-    prompt: list[int],
+    prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    stop_ids: frozenset[int] = frozenset(),
-) -> list[int]:
-    """Returns ``prompt`` followed by up to ``max_new_tokens`` sampled tokens.
+    stop_ids: Sequence[int] = frozenset(),
+    on_token: Callable[[int, int], Any] | None = None,
+    stream_interval: float = STREAM_INTERVAL_S,
+) -> list[list[int]]:
+    """Returns each prompt followed by its up to ``max_new_tokens`` sampled tokens.
 
-    When the text outgrows ``max_len`` the window slides, keeping the latest tokens. Stops
-    early after emitting a token in ``stop_ids``.
+    Args:
+      params: the model's ``params`` tree (plain arrays).
+      prompts: B lists of token ids, of any lengths in 1..max_len.
+      temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off.
+      seed: row i samples with ``seed + i`` (see the module docstring).
+      stop_ids: ids that end a row (kept as its last token).
+      on_token: ``on_token(row, token)`` is called for every new token, step by step, in
+        order; returning True ends that row after this token. Decoding then runs in chunks
+        of about ``stream_interval`` seconds (the first is one token); without a hook, in
+        one compiled call.
     """
-    max_len = model.config.max_len
-    if not prompt:
-        raise ValueError("the prompt is empty; pass at least one token (e.g. the BOS id)")
-    if len(prompt) > max_len:
-        raise ValueError(
-            f"the prompt has {len(prompt)} tokens but model.max_len={max_len}; shorten the prompt"
-        )
-    tokens = list(prompt)
-    rng = jax.random.PRNGKey(seed)
-    for i in range(max_new_tokens):
-        context = tokens[-max_len:]
-        window = np.zeros((1, max_len), np.int32)
-        window[0, : len(context)] = context
-        token = int(
-            _next_token(
-                params,
-                window,
-                len(context),
-                jax.random.fold_in(rng, i),
-                model=model,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-            )
-        )
-        tokens.append(token)
-        if token in stop_ids:
-            break
-    return tokens
+    c = model.config
+    _check_args(prompts, c.max_len, max_new_tokens, temperature, top_k, top_p)
+    b, s = len(prompts), c.max_len
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.zeros((b, _prompt_bucket(int(lengths.max()), s)), np.int32)  # [B, P]
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    is_stop = np.zeros(c.padded_vocab_size, bool)
+    is_stop[[t for t in stop_ids if 0 <= t < c.padded_vocab_size]] = True
+    state = _prefill(params, padded, lengths, model=model)
+    decode = functools.partial(
+        _decode,
+        params,
+        seeds=(seed + np.arange(b)).astype(np.int32),
+        is_stop=is_stop,
+        temperature=np.float32(temperature),
+        top_p=np.float32(top_p),
+        model=model,
+        greedy=temperature == 0,
+        top_k=top_k,
+        nucleus=top_p < 1.0,
+    )
+    cut = np.full(b, s, np.int32)  # rows the hook ended: their length at that moment
+    produced, done, tokens, chunk = 0, lengths >= s, padded, 1
+    while produced < max_new_tokens and not done.all():
+        n = max_new_tokens - produced
+        n = n if on_token is None else min(n, chunk)
+        start = time.perf_counter()
+        state = decode(state, np.int32(n), cut < s)
+        produced += n
+        tokens, after, done = jax.device_get((state.tokens, state.lengths, state.done))
+        if on_token is not None:
+            per_token = (time.perf_counter() - start) / n
+            chunk = int(np.clip(stream_interval / per_token, 1, MAX_CHUNK))
+            done = done | _feed(on_token, tokens, lengths, after, cut)
+        lengths = after
+    lengths = np.minimum(lengths, cut)
+    return [tokens[i, : lengths[i]].tolist() for i in range(b)]
+
+
+def _feed(on_token, tokens: np.ndarray, before: np.ndarray, after, cut: np.ndarray) -> np.ndarray:
+    """Hands the new tokens ``tokens[b, before[b]:after[b]]`` to the hook step by step;
+    records in ``cut`` where rows end and returns ``[B]`` bool: the rows that have ended."""
+    for j in range(int((after - before).max(initial=0))):
+        for row in np.flatnonzero((before + j < after) & (cut == tokens.shape[1])):
+            if on_token(int(row), int(tokens[row, before[row] + j])):
+                cut[row] = before[row] + j + 1
+    return cut < tokens.shape[1]
+
+
+def generate(
+    params,
+    model: GPT,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_ids: Sequence[int] = frozenset(),
+    on_token: Callable[[int], Any] | None = None,
+) -> list[int]:
+    """``generate_batch`` for one prompt: ids ``[N]`` → ids ``[N + n]``, n <= max_new_tokens.
+
+    ``on_token(token)`` (optional) sees each new token in order; True ends generation.
+    """
+    hook = None if on_token is None else (lambda _, token: on_token(token))
+    return generate_batch(
+        params,
+        model,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_ids=stop_ids,
+        on_token=hook,
+    )[0]
+
+
+class _TextStream:
+    """Per-row incremental detokenisation: new ids in, finished text out.
+
+    Text is held back while it ends in an incomplete UTF-8 character (byte-fallback pieces
+    decode to U+FFFD until the last byte arrives) or in a prefix of a stop string; at a stop
+    string the row ends and the text is cut just before it.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], emit: Callable[[str], Any] | None):
+        self.tokenizer, self.stop, self.emit = tokenizer, tuple(s for s in stop if s), emit
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.final: str | None = None  # the text, once a stop string ended the row
+
+    def push(self, token: int) -> bool:
+        """Takes one id; returns True when a stop string has ended the row."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.final = text[: min(hits)]
+            self._send(self.final)
+            return True
+        ready = len(text)
+        if text.endswith("\ufffd"):
+            ready = len(text.rstrip("\ufffd"))
+        for s in self.stop:  # the longest tail that may grow into a stop string
+            for k in range(min(len(s) - 1, ready), 0, -1):
+                if text[:ready].endswith(s[:k]):
+                    ready -= k
+                    break
+        self._send(text[:ready])
+        return False
+
+    def text(self) -> str:
+        """The finished continuation; also emits whatever was held back."""
+        text = self.final if self.final is not None else self.tokenizer.decode(self.ids)
+        self._send(text)
+        return text
+
+    def _send(self, text: str) -> None:
+        if self.emit is not None and len(text) > self.sent:
+            self.emit(text[self.sent :])
+        self.sent = max(self.sent, len(text))
 
 
 class Generator:
-    """A trained model with its tokenizer: ``gen("prompt", max_new_tokens=50) -> str``."""
+    """A trained model with its tokenizer, in the spirit of ``pipeline("text-generation")``.
+
+    ``gen("prompt", max_new_tokens=50) -> str`` (prompt + continuation), ``gen([...]) ->
+    list[str]`` (one batch), ``gen.chat(messages) -> str`` (the assistant's reply).
+    """
 
     def __init__(self, config, params, tokenizer):
         self.config = config
@@ -115,27 +358,85 @@ class Generator:
 
     def __call__(
         self,
-        prompt: str,
+        prompt: str | Sequence[str],
         *,
         max_new_tokens: int = 100,
         temperature: float = 0.8,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-    ) -> str:
-        """Returns ``prompt`` and its continuation, as text."""
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
-        tokens = generate(
-            self.params,
-            self.model,
+        stop: Sequence[str] = (),
+        stream: Callable[..., Any] | None = None,
+    ) -> str | list[str]:
+        """Returns ``prompt`` and its continuation as text (a list for a list of prompts).
+
+        Generation ends at EOS, at the first of the ``stop`` strings (cut off, not returned),
+        after ``max_new_tokens`` or at ``model.max_len`` tokens in all. ``stream(text)`` (for
+        a list: ``stream(i, text)``) receives the continuation piece by piece as it is made.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        ids = [self.tokenizer.encode(p) or [self.tokenizer.bos_id] for p in prompts]
+        replies = self._complete(
             ids,
+            stop_ids=(self.tokenizer.eos_id,),
+            stop=stop,
+            stream=(lambda _, text: stream(text)) if single and stream else stream,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             seed=seed,
         )
-        return self.tokenizer.decode(tokens)  # lossless: starts with the prompt
+        texts = [p + r for p, r in zip(prompts, replies, strict=True)]
+        return texts[0] if single else texts
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        stream: Callable[[str], Any] | None = None,
+    ) -> str:
+        """The assistant's next reply to ``messages`` (``[{"role", "content"}, ...]``).
+
+        The conversation is rendered by ``gptjax.chat.render_prompt`` and the reply ends at
+        ``gptjax.chat.stop_ids`` (end-of-turn, EOS). A conversation longer than
+        ``model.max_len`` tokens is a ValueError: trim the history (``gptjax.session``).
+        ``stream(text)`` receives the reply as it is made.
+        """
+        from gptjax import chat
+
+        ids = chat.render_prompt(messages, self.tokenizer)
+        return self._complete(
+            [ids],
+            stop_ids=chat.stop_ids(self.tokenizer),
+            stop=stop,
+            stream=(lambda _, text: stream(text)) if stream else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )[0]
+
+    def _complete(self, ids, *, stop_ids, stop, stream, **sampling) -> list[str]:
+        """The continuation text of each prompt in ``ids``, cut at stop strings."""
+        emit = (lambda i: functools.partial(stream, i)) if stream else (lambda i: None)
+        rows = [_TextStream(self.tokenizer, stop, emit(i)) for i in range(len(ids))]
+        hook = (lambda i, token: rows[i].push(token)) if stream or stop else None
+        out = generate_batch(
+            self.params, self.model, ids, stop_ids=stop_ids, on_token=hook, **sampling
+        )
+        if hook is None:
+            for row, prompt, tokens in zip(rows, ids, out, strict=True):
+                row.ids = tokens[len(prompt) :]
+        return [row.text() for row in rows]
 
 
 def load(workdir) -> Generator:

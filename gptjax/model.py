@@ -44,8 +44,13 @@ Numerics: parameters are float32; matmul inputs are cast to ``config.dtype``. Th
 stream stays float32 (as under torch autocast in nanoGPT); norm statistics, the attention
 softmax and the logits are float32.
 
-No KV cache yet: ``attend`` takes q/k/v and a mask so that decoding can call it with cached
-keys and an explicit mask.
+KV cache (decoding, ``gptjax/generate.py``): ``model.apply(variables, tokens, positions=...,
+cache=cache)`` returns ``(logits, cache)``. The cache is a plain pytree passed explicitly (no
+mutable Flax collection): per layer a pair ``(k, v)`` of ``[B*G, S, K]`` arrays, S = max_len,
+from ``init_cache``. A call writes its keys/values at slot = position (``positions [B, T]``; so a
+batch of prompts is right-padded, row b's token t sitting in slot t) and its queries attend to
+every slot <= their position; slots beyond are ignored, whatever they hold. The parameter tree is
+the same with or without a cache.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ from flax import linen as nn
 from gptjax.config import ModelConfig
 
 Array = jax.Array
+# Per layer (k, v), each [B*G, S, K] (row b*G + g) in the compute dtype; see init_cache.
+KVCache = tuple[tuple[Array, Array], ...]
+LayerCache = tuple[Array, Array] | None
 
 # Logit given to padded vocabulary ids: finite (no inf-inf NaNs in a loss), but exp() of it is 0
 # in float32, so sampling and softmax/cross-entropy equal those of an unpadded model.
@@ -201,15 +209,88 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
 
 
+def cache_windows(cache_len: int) -> list[int]:
+    """The cache prefixes attention may be limited to: S/8, S/4, S/2 (if >= 64) and S."""
+    return sorted(
+        {w for w in (cache_len // 8, cache_len // 4, cache_len // 2) if w >= 64} | {cache_len}
+    )
+
+
+def attend_cache(q: Array, k: Array, v: Array, positions: Array) -> Array:
+    """Attention of ``q [B, T, H, K]`` at ``positions [B, T]`` over a cache ``k, v [B*G, S, K]``.
+
+    The query at position p sees cache slots 0..p (slot = position). Only the shortest
+    prefix in ``cache_windows`` that holds max(positions) + 1 slots is read (a ``lax.switch``
+    on a traced length, so shapes stay fixed): decoding need not stream the whole max_len
+    cache for a short context (GPT-2 124M, batch 8: the cache is as big as the weights).
+    """
+    windows = cache_windows(k.shape[1])
+    branches = [functools.partial(_attend_prefix, w) for w in windows]
+    if len(branches) == 1:
+        return branches[0](q, k, v, positions)
+    index = jnp.sum(jnp.asarray(windows) <= jnp.max(positions))  # first w > max position
+    return jax.lax.switch(index, branches, q, k, v, positions)
+
+
+def _attend_prefix(window: int, q: Array, k: Array, v: Array, positions: Array) -> Array:
+    """``attend_cache`` over the first ``window`` slots.
+
+    The cache folds (B, G) into one leading axis so that both einsums are batched matmuls over
+    the cache as it lies. ``jax.nn.dot_product_attention`` wants ``[B, S, G, K]``, for which
+    XLA:CPU transposes the whole cache on every decoding step; and with a separate B axis of
+    size 1, XLA copied every layer's cache on every step. Same grouping as ``attend``: query
+    head n reads kv head ``n // (H/G)``. Returns ``[B, T, H, K]``; the softmax is float32.
+    """
+    b, t, h, k_dim = q.shape
+    k, v = k[:, :window], v[:, :window]  # [B*G, W, K]
+    g = k.shape[0] // b
+    n = h // g  # query heads per kv head
+    q = q.reshape(b, t, g, n, k_dim).transpose(0, 2, 3, 1, 4)  # [B, G, N, T, K]
+    q = q.reshape(b * g, n * t, k_dim)  # [B*G, N*T, K]
+    scores = jnp.einsum("xqk,xsk->xqs", q, k, preferred_element_type=jnp.float32)
+    slots = jnp.arange(window, dtype=positions.dtype)  # [W]
+    mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, W]
+    mask = jnp.broadcast_to(mask[:, :, None], (b, g, n, t, window)).reshape(b * g, n * t, window)
+    scores = jnp.where(mask, scores / math.sqrt(k_dim), -jnp.inf)  # [B*G, N*T, W]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # never all -inf: slot p is seen
+    y = jnp.einsum("xqs,xsk->xqk", probs, v)  # [B*G, N*T, K]
+    return y.reshape(b, g, n, t, k_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
+
+
+def _write_cache(cache: tuple[Array, Array], k: Array, v: Array, positions: Array):
+    """Writes this call's ``k, v [B, T, G, K]`` into cache slots ``positions [B, T]``."""
+    ck, cv = cache  # [B*G, S, K]
+    b, _, g, _ = k.shape
+    rows = (jnp.arange(b)[:, None] * g + jnp.arange(g))[:, :, None]  # [B, G, 1]: row b*G + g
+    cols = positions[:, None, :]  # [B, 1, T]
+    # The caller keeps positions < S. mode="drop" (the default) adds a bounds check that reads
+    # the old slot, and XLA then copies the whole cache on every decoding step.
+    k = k.transpose(0, 2, 1, 3).astype(ck.dtype)  # [B, G, T, K]
+    v = v.transpose(0, 2, 1, 3).astype(cv.dtype)
+    ck = ck.at[rows, cols].set(k, mode="promise_in_bounds")
+    cv = cv.at[rows, cols].set(v, mode="promise_in_bounds")
+    return ck, cv
+
+
 class Attention(nn.Module):
-    """Causal (grouped-query) self-attention: ``[B, T, D] -> [B, T, D]``."""
+    """Causal (grouped-query) self-attention: ``[B, T, D] -> [B, T, D]``.
+
+    With a layer ``cache`` (k, v ``[B*G, S, K]``) it writes this call's keys and values at
+    slots ``positions`` and attends over the cache (``attend_cache``; ``mask`` is unused);
+    returns ``(y, cache)``, cache None when none was given.
+    """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array | None, deterministic: bool
-    ) -> Array:
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array | None,
+        deterministic: bool,
+        cache: LayerCache = None,
+    ) -> tuple[Array, LayerCache]:
         c = self.config
         d, h, g, k_dim = c.embed_dim, c.num_heads, c.kv_heads, c.head_dim
         qkv_names = ("embed", "heads", "kv")
@@ -221,11 +302,16 @@ class Attention(nn.Module):
             k = rope(k, positions, c.rope_theta)
         names = ("batch", "length", "heads", "kv")
         q, k, v = (_constrain(a, names) for a in (q, k, v))
-        y = _constrain(attend(q, k, v, mask), names)  # [B, T, H, K]
+        if cache is None:
+            y = attend(q, k, v, mask)  # [B, T, H, K]
+        else:
+            cache = _write_cache(cache, k, v, positions)
+            y = attend_cache(q, *cache, positions)  # [B, T, H, K]
+        y = _constrain(y, names)
         out_std = INIT_STD / math.sqrt(2 * c.num_layers)
         out = Linear(c, (h, k_dim), (d,), ("heads", "kv", "embed"), out_std, name="out")
         y = out(y)  # [B, T, D]
-        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic), cache
 
 
 class MLP(nn.Module):
@@ -256,13 +342,19 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array | None, deterministic: bool
-    ) -> Array:
+        self,
+        x: Array,
+        positions: Array,
+        mask: Array | None,
+        deterministic: bool,
+        cache: LayerCache = None,
+    ) -> tuple[Array, LayerCache]:
         c = self.config
-        x = x + Attention(c, name="attn")(_norm(c, "ln_1")(x), positions, mask, deterministic)
-        x = _constrain(x, ("batch", "length", "act_embed"))
+        attn = Attention(c, name="attn")
+        y, cache = attn(_norm(c, "ln_1")(x), positions, mask, deterministic, cache)
+        x = _constrain(x + y, ("batch", "length", "act_embed"))
         x = x + MLP(c, name="mlp")(_norm(c, "ln_2")(x), deterministic)
-        return _constrain(x, ("batch", "length", "act_embed"))
+        return _constrain(x, ("batch", "length", "act_embed")), cache
 
 
 class GPT(nn.Module):
@@ -278,7 +370,8 @@ class GPT(nn.Module):
         positions: Array | None = None,
         segment_ids: Array | None = None,
         deterministic: bool = True,
-    ) -> Array:
+        cache: KVCache | None = None,
+    ) -> Array | tuple[Array, KVCache]:
         """Logits for every position.
 
         Args:
@@ -288,12 +381,20 @@ class GPT(nn.Module):
             None = one segment per row.
           deterministic: False enables dropout (needs the ``"dropout"`` rng when
             ``dropout_rate > 0``).
+          cache: a ``KVCache`` (``init_cache``) to decode with: this call's keys and values go
+            to slots ``positions`` (which must be < max_len) and each query attends to the
+            slots up to its position. Not with ``segment_ids``.
 
         Returns ``[B, T, V]`` float32 logits, V = ``padded_vocab_size``; padded ids get
-        ``PADDED_LOGIT``.
+        ``PADDED_LOGIT``. With a cache: ``(logits, updated cache)``.
         """
         c = self.config
         _check(c, tokens.shape[1], positions is None)
+        if cache is not None and segment_ids is not None:
+            raise ValueError(
+                "segment_ids cannot be combined with a KV cache; decode one "
+                "sequence per row (right-padded) instead"
+            )
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -317,13 +418,19 @@ class GPT(nn.Module):
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         x = _constrain(x, ("batch", "length", "act_embed"))
         mask = None if segment_ids is None else causal_segment_mask(segment_ids)
+        new_cache = []
         for i in range(c.num_layers):
-            x = Block(c, name=f"h_{i}")(x, positions, mask, deterministic)
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = Block(c, name=f"h_{i}")(x, positions, mask, deterministic, layer_cache)
+            new_cache.append(layer_cache)
         x = _norm(c, "ln_f")(x)  # [B, T, D] compute dtype
         if c.tie_embeddings:  # one 2-D matmul (see Linear), accumulated in float32
-            logits = jnp.dot(
+            # Contracting D of the [V, D] table directly: written as x @ table.T, XLA:CPU
+            # fused ln_f and the transpose into a naive loop for one row (decoding; 4x slower).
+            logits = jax.lax.dot_general(
                 x.reshape(b * t, -1),
-                embed.embedding.T.astype(x.dtype),
+                embed.embedding.astype(x.dtype),
+                (((1,), (1,)), ((), ())),  # [B*T, D] . [V, D] over D
                 preferred_element_type=jnp.float32,
             ).reshape(b, t, v)  # [B, T, V]
         else:
@@ -340,7 +447,8 @@ class GPT(nn.Module):
         if v > c.vocab_size:
             real = jnp.arange(v) < c.vocab_size  # [V]
             logits = jnp.where(real, logits, jnp.float32(PADDED_LOGIT))
-        return _constrain(logits, ("batch", "length", "vocab"))
+        logits = _constrain(logits, ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, tuple(new_cache))
 
 
 def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
@@ -360,6 +468,13 @@ def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
             f"sequence length {length} exceeds model.max_len={config.max_len} of "
             f"the learned position table; shorten the input or raise max_len"
         )
+
+
+def init_cache(config: ModelConfig, batch_size: int) -> KVCache:
+    """An empty ``KVCache``: per layer (k, v) zeros ``[B*G, max_len, K]``, compute dtype."""
+    shape = (batch_size * config.kv_heads, config.max_len, config.head_dim)
+    zeros = functools.partial(jnp.zeros, shape, _dtype(config))
+    return tuple((zeros(), zeros()) for _ in range(config.num_layers))
 
 
 def _init_boxed(config: ModelConfig, rng: Array) -> Any:

@@ -1,0 +1,179 @@
+"""Decoding speed: KV-cache generation (gptjax/generate.py) against the old full-recompute sampler.
+
+    python benchmarks/generate.py [--out FILE.json] [--models char,small,gpt2]
+
+For each model (random float32 weights) and batch size: greedy decoding of ``--new-tokens``
+tokens after an 8-token prompt. Reported separately: the first call (compiling prefill and
+decode), the prefill alone, and steady-state decode tokens/s = batch * new tokens / (time of
+the whole call - prefill), medians of ``--repeats`` calls. With ``--stream`` also batch 1 with a
+streaming hook (``on_token``; decoding in chunks of about ``STREAM_INTERVAL_S``).
+
+Baseline, measured in the same run at batch 1: the sampler gptjax had before the KV cache,
+which recomputed the model over a fixed ``[1, max_len]`` window for every token. Its cost per
+token does not depend on the position, so it is timed over ``--baseline-tokens`` tokens.
+
+Reference, not measured here (no torch on this machine): Hugging Face ``generate`` (PyTorch
+CPU, KV cache, batch 1) on this machine kind: about 640 tokens/s for the 4x128 char model and
+39 tokens/s for the GPT-2 124M shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax.config import MODEL_PRESETS, ModelConfig
+from gptjax.generate import STREAM_INTERVAL_S, generate_batch, sample_logits
+from gptjax.model import GPT, count_params, init_params
+
+PROMPT_LEN = 8
+HF_REFERENCE = {"char": 640.0, "gpt2": 39.0}  # tokens/s at batch 1, see the docstring
+
+MODELS: dict[str, ModelConfig] = {
+    # nanoGPT's shakespeare_char shape (experiments/shakespeare_char.py), 65 chars + specials
+    # and bytes ~ 384 ids; max_len 512 so that prompt + 256 new tokens fit.
+    "char": dataclasses.replace(
+        MODEL_PRESETS["small"],
+        preset="char",
+        vocab_size=384,
+        num_layers=4,
+        num_heads=4,
+        embed_dim=128,
+        max_len=512,
+        use_bias=False,
+    ),
+    "small": dataclasses.replace(MODEL_PRESETS["small"], vocab_size=2048, max_len=512),
+    "gpt2": MODEL_PRESETS["gpt2"],
+}
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _old_next_token(params, window, length, *, model: GPT):
+    """The pre-KV-cache sampler's step: the whole [1, max_len] window, every token."""
+    logits = model.apply({"params": params}, window)  # [1, T, V]
+    last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)  # [1, V]
+    return sample_logits(last, None, temperature=0)[0]
+
+
+def old_generate(params, model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
+    max_len = model.config.max_len
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        context = tokens[-max_len:]
+        window = np.zeros((1, max_len), np.int32)
+        window[0, : len(context)] = context
+        tokens.append(int(_old_next_token(params, window, len(context), model=model)))
+    return tokens
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
+    model = GPT(config)
+    params = init_params(config, jax.random.key(0))["params"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = rng.integers(8, config.vocab_size, (batch, PROMPT_LEN)).tolist()
+        run = functools.partial(
+            generate_batch, params, model, prompts, temperature=0.0, max_new_tokens=args.new_tokens
+        )
+        first, out = _timed(run)
+        assert all(len(row) == PROMPT_LEN + args.new_tokens for row in out), "stopped early"
+        prefill_only = functools.partial(run, max_new_tokens=0)
+        prefill = statistics.median(_timed(prefill_only)[0] for _ in range(3))
+        total = statistics.median(_timed(run)[0] for _ in range(args.repeats))
+        decode = batch * args.new_tokens / (total - prefill)
+        row = {
+            "model": name,
+            "params": count_params(config),
+            "max_len": config.max_len,
+            "batch": batch,
+            "new_tokens": args.new_tokens,
+            "first_call_s": first,
+            "prefill_s": prefill,
+            "total_s": total,
+            "decode_tokens_per_s": decode,
+            "end_to_end_tokens_per_s": batch * args.new_tokens / total,
+        }
+        if batch == 1 and args.stream:
+            hook = functools.partial(run, on_token=lambda row, token: None)
+            hook()  # compiled already; the first call pays nothing new
+            streamed = statistics.median(_timed(hook)[0] for _ in range(args.repeats))
+            row["stream_tokens_per_s"] = args.new_tokens / (streamed - prefill)
+            row["stream_interval_s"] = STREAM_INTERVAL_S
+        if batch == 1 and args.baseline_tokens:
+            # Fewer tokens for big models: every token is a full [1, max_len] forward pass.
+            n = args.baseline_tokens if row["params"] < 50e6 else 3
+            old = functools.partial(old_generate, params, model, prompts[0])
+            row["baseline_first_call_s"] = _timed(functools.partial(old, 1))[0]
+            elapsed, tokens = _timed(functools.partial(old, n))
+            assert tokens == out[0][: PROMPT_LEN + n], "the two samplers disagree"
+            row["baseline_tokens_per_s"] = n / elapsed
+            row["speedup_vs_baseline"] = decode / row["baseline_tokens_per_s"]
+        if name in HF_REFERENCE and batch == 1:
+            row["hf_reference_tokens_per_s"] = HF_REFERENCE[name]
+            row["speedup_vs_hf_reference"] = decode / HF_REFERENCE[name]
+        rows.append(row)
+        print(_line(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'model':<6} {'params':>7} {'B':>2} {'compile+1st s':>13} {'prefill ms':>10} "
+    f"{'decode tok/s':>12} {'stream tok/s':>12} {'old tok/s':>9} {'x old':>6} {'x HF':>5}"
+)
+
+
+def _line(r: dict) -> str:
+    def f(key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
+    return (
+        f"{r['model']:<6} {r['params'] / 1e6:>6.1f}M {r['batch']:>2} {r['first_call_s']:>13.2f} "
+        f"{r['prefill_s'] * 1e3:>10.1f} {r['decode_tokens_per_s']:>12.0f} "
+        f"{f('stream_tokens_per_s', '.0f'):>12} {f('baseline_tokens_per_s', '.1f'):>9} "
+        f"{f('speedup_vs_baseline', '.0f'):>6} {f('speedup_vs_hf_reference', '.1f'):>5}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/generate.json")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-tokens", type=int, default=16, help="0 = no baseline")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor()}")
+    print(HEADER)
+    rows = []
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
+        rows += bench_model(name, MODELS[name], args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "devices": str(jax.devices()), "prompt_len": PROMPT_LEN}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
