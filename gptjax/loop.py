@@ -3,6 +3,17 @@ train (log, evaluate, sample, checkpoint) → finish.
 
 Only process 0 writes logs, metrics, samples and the workdir files; every process runs the same
 steps on its own shard of each global batch.
+
+Fault tolerance (see ``gptjax/checkpoint.py`` for what a checkpoint holds):
+
+* Resume: a workdir with checkpoints continues from the latest complete one, with its tokenizer
+  and data position, so the continued run is the run that never stopped.
+* SIGTERM/SIGINT (preemption, SLURM time limits, Ctrl-C): the current step finishes, a
+  checkpoint of it is saved and finalised, and ``run`` returns normally. A second Ctrl-C stops
+  at once (``KeyboardInterrupt``).
+* Non-finite loss or gradient norm: ``FloatingPointError`` naming the step. Metrics are read
+  back at every log step and before every save, and the state is checked before it is saved,
+  so no checkpoint ever holds a NaN.
 """
 
 from __future__ import annotations
@@ -10,16 +21,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import data, sharding
+from gptjax import checkpoint, data, distributed, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, validate
 from gptjax.generate import generate
@@ -36,6 +50,7 @@ def preflight(config: Config) -> tuple[int, int, int]:
 
     Each failure is one ``ValueError`` line naming the setting and the fix.
     """
+    distributed.check_processes_agree(config)  # same versions and config on every process
     m, t = config.model, config.train
     num_devices = jax.device_count()
     if t.parallelism == "pmap":
@@ -139,7 +154,8 @@ def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[s
     checkpoint if any) and returns the final metrics."""
     validate(config)
     say = _lead_only(log)
-    corpus = data.load_corpus(config.data, log=say)
+    tokenizer = checkpoint.saved_tokenizer(workdir)  # a resumed run keeps its tokenizer
+    corpus = data.load_corpus(config.data, tokenizer=tokenizer, log=say)
     config = with_vocab(config, corpus.tokenizer)
     common = dict(
         max_len=config.model.max_len,
@@ -176,10 +192,17 @@ def _lead_only(log: Log) -> Log:
 
 def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) -> dict[str, Any]:
     """The loop shared by pretraining and fine-tuning: preflight → init or resume → train
-    (log, evaluate, sample, checkpoint) → final checkpoint. Returns the final metrics."""
+    (log, evaluate, sample, checkpoint) → final checkpoint. Returns the final metrics; after a
+    SIGTERM/SIGINT stop they include ``stopped_at_step`` and ``stopped_by``."""
     workdir, say = Path(workdir), _lead_only(log)
     shape = preflight(config)
     say(task.description)
+    ckpt = Checkpointer(workdir, config.checkpoint)
+    try:
+        checkpoint.check_resumable(ckpt, config, task.tokenizer)  # refuse before compiling
+    except ValueError:
+        ckpt.close()
+        raise
     if jax.process_index() == 0:
         write_workdir(workdir, config, task.tokenizer)
     model = GPT(config.model)
@@ -192,12 +215,6 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
     )
     t0 = time.time()
     steps = compile_steps(config, model, init_params=task.init_params)
-    ckpt = Checkpointer(workdir)
-    state = steps.state
-    if ckpt.latest_step() is not None and config.train.parallelism == "jit":
-        state, data_state = ckpt.restore(_abstract(state))
-        task.train_iterator.set_state(data_state)
-        say(f"resumed from {ckpt.directory / str(ckpt.latest_step())} at step {int(state.step)}")
     loop = _Loop(
         config,
         steps,
@@ -208,22 +225,73 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
         num_params,
         t0,
     )
-    try:
-        state, final = loop.train(state)
-    finally:
-        loop.writer.close()
-    ckpt.save(
-        state, data_state=task.train_iterator.get_state(), config=config, tokenizer=task.tokenizer
-    )
-    ckpt.wait()
-    ckpt.close()
+    # Signals are caught until the last save is on disk: a SIGTERM then only ends the run early.
+    with _StopSignals() as stop:
+        try:
+            state = loop.resume(steps.state)
+            state, final = loop.train(state, stop)
+        finally:
+            if hasattr(loop, "bar"):
+                loop.bar.close()  # before the CLI prints an error line, not after it
+            loop.writer.close()
+            ckpt.close()  # waits for the save in flight, even after an error
     return final
 
 
-def _abstract(state):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
+def _host_step(state) -> int:
+    """The step counter as an int (a pmap state holds one per device)."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only ask the loop to stop after the current step; a
+    SIGINT after that raises ``KeyboardInterrupt`` at once. The previous handlers come back on
+    exit.
+
+    Multi-process runs must stop at the same step on every process: ``agreed`` takes the
+    maximum of every process's signal with ``process_allgather`` at each log step (where the
+    loop waits for the devices anyway), so a signal delivered to any one process — or to all,
+    a step apart — stops all of them together within ``train.log_every_steps`` steps.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0  # the first signal number, 0 = none
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            # None: a handler installed outside Python (e.g. JAX's preemption notifier).
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if signum == signal.SIGINT and self.received:  # Ctrl-C again: stop now, no save
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def agreed(self, step: int, every: int) -> str | None:
+        """The name of the signal this process (or, multi-process, any process) received."""
+        received = self.received
+        if jax.process_count() > 1:
+            if step % every:
+                return None
+            from jax.experimental import multihost_utils
+
+            received = int(np.max(multihost_utils.process_allgather(np.int32(received))))
+        return signal.Signals(received).name if received else None
 
 
 @dataclasses.dataclass
@@ -236,10 +304,30 @@ class _Loop:
     say: Log
     num_params: int
     t0: float
+    pending: list = dataclasses.field(default_factory=list)  # [(step, metrics)] not yet read
 
-    def train(self, state) -> tuple[Any, dict[str, Any]]:
-        t = self.config.train
-        start = int(jax.device_get(state.step))
+    @property
+    def pmap(self) -> bool:
+        return self.config.train.parallelism == "pmap"
+
+    def resume(self, state):
+        """The latest complete checkpoint restored into ``state``'s layout, else ``state``."""
+        abstract = checkpoint.abstract_of(state, pmap=self.pmap)
+        found = checkpoint.resume(
+            self.ckpt, abstract, self.config, self.task.tokenizer, log=self.say
+        )
+        if found is None:
+            return state
+        restored, data_state, step = found
+        self.task.train_iterator.set_state(data_state)
+        self.say(f"resumed from {self.ckpt.directory / str(step)} at step {step}")
+        if self.pmap:
+            return checkpoint.replicate(restored, jax.tree.leaves(state)[0].shape[0])
+        return restored
+
+    def train(self, state, stop: _StopSignals) -> tuple[Any, dict[str, Any]]:
+        t, c, e = self.config.train, self.config.checkpoint, self.config.eval
+        start = _host_step(state)
         self.bar = tqdm(
             total=t.steps,
             initial=start,
@@ -250,43 +338,102 @@ class _Loop:
             mininterval=1.0,
         )
         final: dict[str, Any] = {}
+        if start >= t.steps:
+            self.note(f"already at step {start} of train.steps={t.steps}; nothing to train")
         if self.task.eval_at_start and start == 0:
             final.update(self.evaluate(state, 0))
         tick, tick_step = time.time(), start
+        sync_every = 1 if jax.process_count() == 1 else t.log_every_steps
         for step in range(start + 1, t.steps + 1):
             state, metrics = self.steps.train(
                 state, self.steps.put_batch(next(self.task.train_iterator))
             )
+            self.pending.append((step, metrics))
             if step == start + 1:
                 jax.block_until_ready(metrics)
                 self.note(
                     f"step {step}: compiled and ran the first step in {time.time() - self.t0:.1f}s"
                 )
                 tick, tick_step = time.time(), step
-            if step % t.log_every_steps == 0 or step == t.steps:
-                final.update(self.log_train(step, metrics, time.time() - tick, step - tick_step))
+            last = step == t.steps
+            if step % t.log_every_steps == 0 or last:
+                final.update(self.log_train(step, tick, step - tick_step))
                 tick, tick_step = time.time(), step
-            e = self.config.eval
-            if (e.every_steps and step % e.every_steps == 0) or step == t.steps:
+            signal_name = stop.agreed(step, sync_every)
+            if signal_name and not last:
+                final.update(self.stop(state, step, signal_name))
+                break
+            val_loss = None
+            if (e.every_steps and step % e.every_steps == 0) or last:
                 final.update(self.evaluate(state, step))
-                tick = time.time()
-            every = self.config.checkpoint.every_steps
-            if every and step % every == 0 and step != t.steps:
-                self.ckpt.save(
-                    state,
-                    data_state=self.task.train_iterator.get_state(),
-                    config=self.config,
-                    tokenizer=self.task.tokenizer,
-                )
+                val_loss, tick = final["val_loss"], time.time()
+            if (
+                last
+                or (c.every_steps and step % c.every_steps == 0)
+                or (c.keep_best and val_loss is not None)
+            ):
+                self.save(state, step, val_loss)
             self.bar.update(1)
         self.bar.close()
         final["wall_time_s"] = time.time() - self.t0
         return state, final
 
-    def log_train(self, step: int, metrics, elapsed: float, steps_done: int) -> dict[str, float]:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(metrics["train_loss"]):
-            raise FloatingPointError(f"non-finite train_loss at step {step}")
+    def read_metrics(self) -> dict[str, float]:
+        """Fetches the metrics of the steps run since the last call; raises at the first step
+        whose loss or gradient norm is not finite. Returns the latest step's."""
+        if not self.pending:
+            return {}
+        values = jax.device_get([m for _, m in self.pending])
+        for (step, _), m in zip(self.pending, values, strict=True):
+            for key in ("train_loss", "grad_norm"):
+                if not math.isfinite(float(m[key])):
+                    self.halt(f"{key} is {float(m[key])} at step {step}")
+        self.pending.clear()
+        return {k: float(v) for k, v in values[-1].items()}
+
+    def halt(self, what: str) -> None:
+        latest = self.ckpt.latest_step()
+        kept = (
+            f"the last good checkpoint is {self.ckpt.directory / str(latest)}"
+            if latest is not None
+            else "no checkpoint was saved"
+        )
+        raise FloatingPointError(
+            f"{what}; training stopped and nothing from that step on was saved ({kept}); lower "
+            f"train.learning_rate or raise train.warmup_steps, then rerun to resume"
+        )
+
+    def save(self, state, step: int, val_loss: float | None = None) -> None:
+        """Starts an asynchronous checkpoint of ``state`` (step ``step``) once it is known to be
+        finite: the metrics of every step so far, then every parameter and moment."""
+        self.read_metrics()
+        logical = checkpoint.unreplicate(state) if self.pmap else state
+        if not bool(_all_finite((logical.params, logical.opt_state))):
+            self.halt(f"the parameters or optimizer state are not finite after step {step}")
+        self.ckpt.save(
+            logical,
+            data_state=self.task.train_iterator.get_state(),
+            config=self.config,
+            tokenizer=self.task.tokenizer,
+            val_loss=val_loss,
+        )
+
+    def stop(self, state, step: int, signal_name: str) -> dict[str, Any]:
+        """Saves ``step`` and waits until it is on disk: the job may be killed right after."""
+        if step != self.ckpt.latest_step():
+            self.save(state, step)
+        self.ckpt.wait()
+        self.bar.close()
+        self.say(
+            f"stopped by {signal_name} after step {step}: checkpoint "
+            f"{self.ckpt.directory / str(step)} saved; run the same command again to resume"
+        )
+        return {"stopped_at_step": step, "stopped_by": signal_name}
+
+    def log_train(self, step: int, since: float, steps_done: int) -> dict[str, float]:
+        metrics = self.read_metrics()
+        # Timed after the fetch: dispatch is asynchronous, the steps have only now finished.
+        elapsed = time.time() - since
         if steps_done > 0 and elapsed > 0:
             tokens = self.config.train.batch_size * self.config.model.max_len * steps_done
             flops = flops_per_token(self.config.model, self.num_params) * tokens
