@@ -5,6 +5,7 @@
     gptjax finetune --init-from DIR [--config FILE_OR_NAME] [--workdir DIR] [--section.key=value]
     gptjax generate --workdir DIR --prompt TEXT [sampling flags]
     gptjax chat --workdir DIR [--system TEXT] [--once MESSAGE] [sampling flags]
+    gptjax export --workdir DIR --out DIR [--dtype float32|bfloat16] [--step N]
 
 User errors (bad config, bad data, bad device layout) print one line on stderr and exit 2.
 """
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--once", default=None, help="answer this one message and exit")
     _sampling_flags(chat, 128)
+    exp = sub.add_parser("export", help="write a params-only checkpoint for generate/finetune")
+    exp.add_argument("--workdir", required=True, help="a training workdir (or an export)")
+    exp.add_argument("--out", required=True, help="a new directory")
+    exp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    exp.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     quick = sub.add_parser("quickstart", help="pretrain on Shakespeare, fine-tune for chat, talk")
     quick.add_argument("--workdir", default="runs/quickstart")
     return parser
@@ -102,7 +108,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
 def _summary(final: dict, workdir: str) -> None:
     import jax
 
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "stopped_at_step" not in final:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, float))
         print(f"done: {summary}; outputs in {workdir}")
 
@@ -193,6 +199,16 @@ def _answer(session, text: str) -> None:
         print(f"(dropped the {session.dropped} oldest messages to fit the context window)")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from gptjax.checkpoint import export
+
+    written = export(args.workdir, args.out, dtype=args.dtype, step=args.step)
+    print(
+        f"exported {written} ({args.dtype}, no optimizer state); use it with "
+        f"`gptjax generate --workdir {args.out}` or `gptjax finetune --init-from {args.out}`"
+    )
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     """The main job: pretrain on the embedded plays, fine-tune on chatterbot english, talk."""
     from gptjax.config import load_experiment
@@ -232,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-            {"generate": _generate, "chat": _chat, "quickstart": _quickstart}[args.command](args)
+            commands = {"generate": _generate, "chat": _chat, "export": _export}
+            commands.get(args.command, _quickstart)(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2

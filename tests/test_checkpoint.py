@@ -490,3 +490,27 @@ def _tokenizer():
     from gptjax.tokenizer import Tokenizer
 
     return Tokenizer.train(["to be or not to be"] * 20, model_type="char", progress=False)
+
+
+def test_export_cli_then_generate(baseline, tmp_path):
+    base_dir, _ = baseline
+    out = tmp_path / "exported"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cli = [sys.executable, "-m", "gptjax"]
+    r = subprocess.run(
+        [*cli, "export", "--workdir", str(base_dir), "--out", str(out), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"exported {out / 'checkpoints' / str(STEPS)}" in r.stdout
+    g = subprocess.run(
+        [*cli, "generate", "--workdir", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "10"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert g.returncode == 0 and g.stdout.startswith("ROMEO:"), g.stderr
