@@ -13,7 +13,9 @@ The text is ``tinyshakespeare.txt`` from ``$GPTJAX_SHARED_DATA`` (default: ``../
 beside the repository); ``--data.source=text:PATH`` points elsewhere.
 
 Hardware: 2 CPU cores. nanoGPT: val loss 1.8857 in 71 s (30.4 ms/iteration).
-gptjax: RESULT_PLACEHOLDER
+gptjax (measured): val loss 1.8587 at step 2000; 297 s wall including data preparation and a
+9.4 s compile, with other jobs sharing both cores (153 ms/iteration as logged). Alone, this
+train step runs 60 ms/iteration (12.8k tokens/s), about 2.5 minutes for the whole run.
 """
 
 import os
