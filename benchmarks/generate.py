@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -32,7 +33,13 @@ import jax
 import numpy as np
 
 from gptjax.config import MODEL_PRESETS, ModelConfig
-from gptjax.generate import STREAM_INTERVAL_S, generate_batch, sample_logits
+from gptjax.generate import (
+    STREAM_INTERVAL_S,
+    _prefill,
+    generate_batch,
+    pad_prompts,
+    sample_logits,
+)
 from gptjax.model import GPT, count_params, init_params
 
 PROMPT_LEN = 8
@@ -77,7 +84,7 @@ def old_generate(params, model: GPT, prompt: list[int], max_new_tokens: int) -> 
 
 def _timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
-    out = fn()
+    out = jax.block_until_ready(fn())
     return time.perf_counter() - start, out
 
 
@@ -93,7 +100,8 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
         )
         first, out = _timed(run)
         assert all(len(row) == PROMPT_LEN + args.new_tokens for row in out), "stopped early"
-        prefill_only = functools.partial(run, max_new_tokens=0)
+        padded, lengths = pad_prompts(prompts, config.max_len)
+        prefill_only = functools.partial(_prefill, params, padded, lengths, model=model)
         prefill = statistics.median(_timed(prefill_only)[0] for _ in range(3))
         total = statistics.median(_timed(run)[0] for _ in range(args.repeats))
         decode = batch * args.new_tokens / (total - prefill)
@@ -161,7 +169,10 @@ def main() -> None:
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor()}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs), "
+        f"load average before: {os.getloadavg()[0]:.1f} (other processes skew the numbers)"
+    )
     print(HEADER)
     rows = []
     for name in args.models.split(","):
@@ -170,7 +181,15 @@ def main() -> None:
         rows += bench_model(name, MODELS[name], args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "devices": str(jax.devices()), "prompt_len": PROMPT_LEN}
+    meta = {
+        "jax": jax.__version__,
+        "devices": str(jax.devices()),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "load_average_after": os.getloadavg()[0],
+        "prompt_len": PROMPT_LEN,
+        "hf_reference_not_measured_here": HF_REFERENCE,
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
 

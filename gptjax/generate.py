@@ -184,8 +184,17 @@ def _check_args(prompts, max_len: int, max_new_tokens: int, temperature, top_k, 
         )
 
 
-def _prompt_bucket(length: int, max_len: int) -> int:
-    return min(max_len, PROMPT_BUCKET * -(-length // PROMPT_BUCKET))
+def pad_prompts(prompts: Sequence[Sequence[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads prompts with 0 to a bucket: ``(ids [B, P] int32, lengths [B] int32)``.
+
+    P is the longest prompt rounded up to a multiple of ``PROMPT_BUCKET``, at most max_len.
+    """
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    bucket = min(max_len, PROMPT_BUCKET * -(-int(lengths.max()) // PROMPT_BUCKET))
+    padded = np.zeros((len(prompts), bucket), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    return padded, lengths
 
 
 def generate_batch(
@@ -218,10 +227,9 @@ def generate_batch(
     c = model.config
     _check_args(prompts, c.max_len, max_new_tokens, temperature, top_k, top_p)
     b, s = len(prompts), c.max_len
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    padded = np.zeros((b, _prompt_bucket(int(lengths.max()), s)), np.int32)  # [B, P]
-    for i, p in enumerate(prompts):
-        padded[i, : len(p)] = p
+    padded, lengths = pad_prompts(prompts, s)
+    if max_new_tokens == 0 or lengths.min() == s:
+        return [list(p) for p in prompts]
     is_stop = np.zeros(c.padded_vocab_size, bool)
     is_stop[[t for t in stop_ids if 0 <= t < c.padded_vocab_size]] = True
     state = _prefill(params, padded, lengths, model=model)
@@ -238,8 +246,8 @@ def generate_batch(
         nucleus=top_p < 1.0,
     )
     cut = np.full(b, s, np.int32)  # rows the hook ended: their length at that moment
-    produced, done, tokens, chunk = 0, lengths >= s, padded, 1
-    while produced < max_new_tokens and not done.all():
+    produced, done, chunk = 0, lengths >= s, 1
+    while produced < max_new_tokens and not done.all():  # at least once: see the check above
         n = max_new_tokens - produced
         n = n if on_token is None else min(n, chunk)
         start = time.perf_counter()
