@@ -204,7 +204,7 @@ def test_load_corpus_over_tfds(tmp_path, stories_dir):
     "kw, match",
     [
         (dict(source="tfds:no_such_dataset_xyz"), r"unknown tfds dataset \(Dataset no_such"),
-        (dict(tfds_data_dir="/no/such/dir"), r"data.tfds_data_dir='/no/such/dir' does not exist"),
+        (dict(tfds_data_dir="no/such/dir"), r"data.tfds_data_dir=.no/such/dir. does not exist"),
         (dict(text_field="body"), r"data.text_field='body' is not a feature .*\['id', 'story'\]"),
         (dict(tfds_val_split="validation"), r"split 'validation' is not in .*\['test', 'train'\]"),
     ],
