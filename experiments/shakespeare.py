@@ -6,11 +6,11 @@
 BPE tokenizer of 2048 pieces trained on the 34 training plays (1.54M tokens; 4 plays, one per
 genre, are held out for validation), 4 layers × 192 dims × 6 heads, context 128, batch 32.
 
-Hardware: 2 CPU cores. Measured so far (with other jobs sharing the cores): the train step of
-this shape alone runs ~700 ms (5.9k tokens/s), so 800 steps take ~10 minutes plus ~30 s of
-data preparation and compilation; at step 200 the validation loss was 4.74 and samples
-already had speaker names and verse lines. The final validation loss of a full quiet run is
-still to be recorded here.
+Hardware: 2 CPU cores. Measured (`gptjax pretrain --workdir /tmp/def1`, other jobs sharing the
+cores): val loss 4.74 / 4.44 / 4.29 / 4.20 at steps 200 / 400 / 600 / 800, train loss 3.92;
+16.6 minutes wall at 1.16 s/step as logged. The train step of this shape alone runs ~700 ms,
+so a quiet machine should take ~10 minutes (not yet timed). Samples at step 800 read like a
+play: speaker names (GLOUCESTER:, SUFFOLK:), verse lines, stage directions.
 """
 
 from gptjax.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
