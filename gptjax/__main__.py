@@ -215,11 +215,11 @@ def _quickstart(args: argparse.Namespace) -> None:
     from gptjax.finetune import finetune
     from gptjax.generate import load
     from gptjax.loop import pretrain
+    from gptjax.metrics import read_metrics
 
     root = Path(args.workdir)
     pretrain(load_experiment(DEFAULT_EXPERIMENT), root / "pretrain")
     final = finetune(load_experiment(DEFAULT_CHAT_EXPERIMENT), root / "chat", root / "pretrain")
-    from gptjax.metrics import read_metrics
 
     val = [r["val_loss"] for r in read_metrics(root / "chat") if "val_loss" in r]
     print(
@@ -248,8 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-            commands = {"generate": _generate, "chat": _chat, "export": _export}
-            commands.get(args.command, _quickstart)(args)
+            commands = {
+                "generate": _generate,
+                "chat": _chat,
+                "export": _export,
+                "quickstart": _quickstart,
+            }
+            commands[args.command](args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2
