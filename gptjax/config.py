@@ -41,6 +41,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     use_bias: bool = True  # biases in linear and norm layers
     dtype: str = "float32"  # compute dtype; parameters are always float32
+    # LoRA adapters on the attention and MLP matrices (gptjax/lora.py); `gptjax finetune` sets
+    # these from finetune.lora_rank / finetune.lora_alpha. 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # adapter outputs are scaled by lora_alpha / lora_rank
 
     @property
     def head_dim(self) -> int:
@@ -149,6 +153,16 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Chat fine-tuning (``gptjax finetune``, see ``gptjax/finetune.py``)."""
+
+    # > 0: train rank-r LoRA adapters on the attention and MLP matrices with every pretrained
+    # weight frozen (gptjax/lora.py); `gptjax export` merges them into the weights. 0 = train all.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # adapter outputs are scaled by lora_alpha / lora_rank
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axes; one of them may be -1 = the rest of the devices."""
 
@@ -184,6 +198,7 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
@@ -196,8 +211,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, dict[str, Any]]) -> Config:
-        """Inverse of ``to_dict``; unknown sections or keys are errors (see ``replace``)."""
-        return replace(cls(), {f"{s}.{k}": v for s, kv in d.items() for k, v in kv.items()})
+        """Inverse of ``to_dict``; unknown sections or keys are errors (see ``replace``).
+        ``model.preset`` is only the name the model came from here: a saved experiment's model
+        (preset "shakespeare", say) need not be a row of ``MODEL_PRESETS``."""
+        updates = {f"{s}.{k}": v for s, kv in d.items() for k, v in kv.items()}
+        return replace(cls(), updates, expand_preset=False)
 
 
 def _sections() -> dict[str, type]:
@@ -234,14 +252,15 @@ def _example(want: type) -> str:
     return {int: "8", float: "0.5", bool: "true", str: "text"}[want]
 
 
-def replace(config: Config, updates: dict[str, Any]) -> Config:
+def replace(config: Config, updates: dict[str, Any], *, expand_preset: bool = True) -> Config:
     """Returns ``config`` with ``{"section.key": value}`` updates, type-checked.
 
     ``model.preset=NAME`` first replaces the whole model section with ``MODEL_PRESETS[NAME]``;
-    other ``model.*`` updates then apply on top of it.
+    other ``model.*`` updates then apply on top of it. With ``expand_preset=False`` it is set
+    like any other field.
     """
     updates = dict(updates)
-    if "model.preset" in updates:
+    if expand_preset and "model.preset" in updates:
         name = updates.pop("model.preset")
         if name not in MODEL_PRESETS:
             raise ValueError(
@@ -344,6 +363,12 @@ def validate(config: Config) -> Config:
     ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
     _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+    for section, lora in (("model", m), ("finetune", config.finetune)):
+        _check(
+            lora.lora_rank >= 0 and lora.lora_alpha > 0,
+            f"{section}.lora_rank={lora.lora_rank} must be >= 0 (0 = no LoRA) and "
+            f"{section}.lora_alpha={lora.lora_alpha} > 0",
+        )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _check(
         t.batch_size % t.grad_accum_steps == 0,

@@ -1,6 +1,7 @@
 """Config tree: overrides, type checks, presets, validation and experiment loading."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -85,6 +86,14 @@ def test_preset_override_then_fields():
 def test_round_trip_through_dict():
     c = apply_overrides(Config(), ["--model.preset=llama", "--train.steps=7"])
     assert Config.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("name", ["tiny", "shakespeare", "shakespeare_char", "chat_english"])
+def test_experiments_round_trip_through_dict(name):
+    # A workdir's config.json is read back with from_dict: an experiment's own model (its
+    # preset name is not a MODEL_PRESETS row) must survive it (quickstart's finetune did not).
+    c = load_experiment(name)
+    assert Config.from_dict(json.loads(c.to_json())) == c
 
 
 def test_presets_are_valid_and_derived_values():
