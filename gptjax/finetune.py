@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from gptjax import chat, checkpoint, dialogues
+from gptjax import chat, checkpoint, dialogues, lora
 from gptjax.config import Config, validate
 from gptjax.generate import Generator
 from gptjax.loop import Log, Task, load_workdir_config, run
@@ -34,8 +34,19 @@ def pretrained(init_from: str | Path) -> tuple[Config, Tokenizer]:
 
 
 def finetune_config(config: Config, base: Config, init_from: str | Path) -> Config:
-    """``config`` with the pretrained model's shape (dropout may differ) and tokenizer."""
-    model = dataclasses.replace(base.model, dropout_rate=config.model.dropout_rate)
+    """``config`` with the pretrained model's shape (dropout may differ), its tokenizer, and
+    LoRA adapters of ``finetune.lora_rank`` (``gptjax/lora.py``)."""
+    if base.model.lora_rank:
+        raise ValueError(
+            f"{init_from} holds a model with LoRA adapters (rank {base.model.lora_rank}); "
+            f"`gptjax export` it first (that merges them) and fine-tune from the export"
+        )
+    model = dataclasses.replace(
+        base.model,
+        dropout_rate=config.model.dropout_rate,
+        lora_rank=config.finetune.lora_rank,
+        lora_alpha=config.finetune.lora_alpha,
+    )
     data = dataclasses.replace(
         config.data, tokenizer=str(Path(init_from).absolute() / "tokenizer.model")
     )
@@ -75,12 +86,22 @@ def finetune(
             num_batches=config.eval.num_batches,
             **common,
         ),
-        init_params=lambda abstract: checkpoint.restore_params(init_from, abstract),
+        init_params=lambda fresh: pretrained_params(init_from, fresh),
         eval_at_start=True,
     )
     if config.eval.sample_tokens:
         task.sample = lambda params, seed: sample_chat(config, params, tokenizer, seed)
     return run(config, workdir, task, log=log)
+
+
+def pretrained_params(init_from: str | Path, fresh: dict) -> dict:
+    """The pretrained weights of ``init_from`` restored into the shardings of ``fresh`` (the
+    freshly initialised parameters), whose LoRA adapters, if any, are kept as initialised."""
+    base, adapters = lora.split(fresh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base
+    )
+    return lora.combine(checkpoint.restore_params(init_from, abstract), adapters)
 
 
 def sample_chat(config: Config, params, tokenizer: Tokenizer, seed: int) -> str:

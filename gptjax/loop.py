@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, data, distributed, sharding
+from gptjax import checkpoint, data, distributed, lora, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config, validate
 from gptjax.generate import generate
 from gptjax.metrics import MetricsWriter, flops_per_token
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, abstract_params, count_params
 from gptjax.tokenizer import Tokenizer
 from gptjax.train import Steps, compile_steps
 
@@ -120,7 +120,8 @@ class Task:
     """What a run trains on: pretraining text and chat fine-tuning differ only here.
 
     ``sample(params, seed) -> str`` shows the model's behaviour at each evaluation;
-    ``init_params`` (plain arrays) replace the fresh initialisation, e.g. a pretrained model.
+    ``init_params(fresh_params) -> params`` replaces the fresh initialisation, e.g. with a
+    pretrained model (see ``train.compile_steps``).
     """
 
     name: str
@@ -153,6 +154,11 @@ def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[s
     """Pretrains ``config`` on its text source in ``workdir`` (resuming from the latest
     checkpoint if any) and returns the final metrics."""
     validate(config)
+    if config.model.lora_rank or config.finetune.lora_rank:
+        raise ValueError(
+            "LoRA adapters are for fine-tuning a pretrained model: pretrain without "
+            "model.lora_rank/finetune.lora_rank, then `gptjax finetune --finetune.lora_rank=R`"
+        )
     say = _lead_only(log)
     tokenizer = checkpoint.saved_tokenizer(workdir)  # a resumed run keeps its tokenizer
     corpus = data.load_corpus(config.data, tokenizer=tokenizer, log=say)
@@ -213,6 +219,12 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
         f"{m.embed_dim} dims, vocab {m.vocab_size} padded to {m.padded_vocab_size}); "
         f"{jax.device_count()} devices, {config.train.parallelism} mesh data,fsdp,tensor={shape}"
     )
+    if m.lora_rank:
+        trainable = lora.count_trainable(abstract_params(m))
+        say(
+            f"LoRA rank {m.lora_rank} (alpha {m.lora_alpha:g}): {trainable:,} trainable "
+            f"parameters ({trainable / num_params:.2%}); every pretrained weight is frozen"
+        )
     t0 = time.time()
     steps = compile_steps(config, model, init_params=task.init_params)
     loop = _Loop(

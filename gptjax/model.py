@@ -115,6 +115,7 @@ class Linear(nn.Module):
     std: float = INIT_STD
     bias: bool = True  # a bias when config.use_bias too
     float32_out: bool = False  # accumulate and return float32 (the logits)
+    lora: bool = True  # LoRA adapters when config.lora_rank > 0 (gptjax/lora.py)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -128,6 +129,8 @@ class Linear(nn.Module):
             kernel.reshape(n_in, n_out).astype(dtype),
             preferred_element_type=jnp.float32 if self.float32_out else None,
         )
+        if self.lora and self.config.lora_rank:
+            y = y + self._adapter(x.reshape(-1, n_in).astype(dtype), n_in, n_out)
         y = y.reshape(*lead, *self.out_shape)  # [..., *OUT]
         if self.bias and self.config.use_bias:
             bias_names = self.names[len(self.in_shape) :]
@@ -136,6 +139,29 @@ class Linear(nn.Module):
             )
             y = y + bias.astype(dtype)
         return y
+
+    def _adapter(self, x: Array, n_in: int, n_out: int) -> Array:
+        """LoRA: ``(alpha / r) * (x [N, IN] @ A [IN, r]) @ B [r, OUT]``. A is uniform in
+        ±1/sqrt(IN) (PEFT's Kaiming init), B zero: the adapted layer starts as the base one."""
+        c, r = self.config, self.config.lora_rank
+        n_out_axes = len(self.out_shape)
+        in_names, out_names = self.names[:-n_out_axes], self.names[-n_out_axes:]
+        bound = 1.0 / math.sqrt(n_in)
+        a = self.param(
+            "lora_a",
+            _named(
+                lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
+                (*in_names, None),
+            ),
+            (*self.in_shape, r),
+            jnp.float32,
+        )
+        b = self.param(
+            "lora_b", _named(nn.initializers.zeros, (None, *out_names)), (r, *self.out_shape)
+        )
+        dtype = x.dtype
+        h = jnp.dot(x, a.reshape(n_in, r).astype(dtype))  # [N, r]
+        return (c.lora_alpha / r) * jnp.dot(h, b.reshape(r, n_out).astype(dtype))
 
 
 def _norm(config: ModelConfig, name: str) -> nn.Module:
@@ -441,6 +467,7 @@ class GPT(nn.Module):
                 ("embed", "vocab"),
                 bias=False,
                 float32_out=True,
+                lora=False,
                 name="lm_head",
             )(x)  # [B, T, V]
         logits = logits.astype(jnp.float32)

@@ -95,9 +95,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def logical_shardings(abstract_tree, mesh: Mesh):
     """NamedShardings for a tree of (possibly boxed) abstract arrays, via ``LOGICAL_RULES``.
 
-    Leaves without logical names (step counters, scalars) are replicated.
+    Leaves without logical names (step counters, scalars) are replicated. A box around an empty
+    node stays that node: optax's ``MaskedNode``, the optimizer state of a frozen parameter
+    (LoRA), holds no array to place.
     """
-    specs = nn.get_partition_spec(abstract_tree)
+
+    def spec(x):
+        if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.unbox()):
+            return x.unbox()
+        return nn.get_partition_spec(x)
+
+    specs = jax.tree.map(spec, abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from gptjax import lora as lora_lib
 from gptjax import sharding
 from gptjax.config import Config, TrainConfig
 from gptjax.model import GPT
@@ -52,9 +53,12 @@ def lr_schedule(train: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(train: TrainConfig, lora: bool = False) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with weight decay on matrices only (not on biases,
-    norm scales or — being vectors — nothing else; GPT-2/nanoGPT practice)."""
+    norm scales or — being vectors — nothing else; GPT-2/nanoGPT practice).
+
+    With ``lora``, only the LoRA adapters train (``gptjax/lora.py``): every other parameter gets
+    a zero update and no optimizer state, and the clipping norm is the adapters'."""
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
     adamw = optax.adamw(
         lr_schedule(train),
@@ -65,7 +69,11 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
         mask=decay_mask,
     )
     if train.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+        adamw = optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+    if lora:
+        return optax.multi_transform(
+            {"trainable": adamw, "frozen": optax.set_to_zero()}, lora_lib.trainable
+        )
     return adamw
 
 
@@ -84,6 +92,8 @@ def init_state(
 
 def loss_sums(params, batch: Batch, *, model: GPT, rng: jax.Array | None) -> tuple:
     """Summed cross-entropy over weighted targets and the summed weights: ``([], [])``."""
+    if model.config.lora_rank:
+        params = lora_lib.freeze(params)  # gradients for the adapters only
     logits = model.apply(
         {"params": params},
         batch["inputs"],
@@ -184,7 +194,7 @@ class Steps:
 def _step_kwargs(config: Config, model: GPT) -> dict[str, Any]:
     return dict(
         model=model,
-        tx=make_optimizer(config.train),
+        tx=make_optimizer(config.train, lora=config.model.lora_rank > 0),
         schedule=lr_schedule(config.train),
         accum=config.train.grad_accum_steps,
         dropout=config.model.dropout_rate > 0,
@@ -249,8 +259,9 @@ def compile_steps(
     """Initialises the state on ``devices`` (default: all) and wraps the step functions for
     ``config.train.parallelism``: "jit" over a ``(data, fsdp, tensor)`` mesh, or "pmap".
 
-    ``init_params(abstract_params) -> params``, when given, supplies the starting parameters
-    (e.g. restored from a pretrained checkpoint straight into the abstract shardings).
+    ``init_params(fresh_params) -> params``, when given, supplies the starting parameters from
+    the freshly initialised ones (e.g. a pretrained checkpoint restored straight into their
+    shardings, new LoRA adapters kept).
     """
     rng = jax.random.PRNGKey(config.train.seed)  # raw uint32[2]: checkpointable as is
     if config.train.parallelism == "pmap":
@@ -266,7 +277,7 @@ def compile_steps(
 
     state = in_context(plan.init)(rng)
     if init_params is not None:
-        state = state.replace(params=init_params(plan.abstract_state.params))
+        state = state.replace(params=init_params(state.params))
     return Steps(
         state=state,
         train=in_context(plan.train),
@@ -282,7 +293,7 @@ def _pmap_steps(config: Config, model: GPT, rng, devices: list | None, init_para
     n = len(devices or jax.local_devices())
     state = jax.jit(lambda r: nn.meta.unbox(init_state(config, model, kw["tx"], r)))(rng)
     if init_params is not None:
-        state = state.replace(params=init_params(jax.eval_shape(lambda: state.params)))
+        state = state.replace(params=init_params(state.params))
     state = jax.tree.map(lambda x: jnp.stack([x] * n), state)  # [n, ...] replicas
     step = jax.pmap(
         functools.partial(pmap_train_step, **kw),

@@ -1,17 +1,24 @@
 """Chat fine-tuning end to end: pretrain → finetune (assistant loss falls) → chat CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from gptjax.config import apply_overrides, load_experiment
+from gptjax import lora
+from gptjax.checkpoint import export
+from gptjax.config import MODEL_PRESETS, TrainConfig, apply_overrides, load_experiment
 from gptjax.finetune import finetune
 from gptjax.generate import load
 from gptjax.loop import pretrain
 from gptjax.metrics import read_metrics
+from gptjax.model import init_params
 from gptjax.session import ChatSession
+from gptjax.train import make_optimizer
 
 QUICK = ["--eval.sample_tokens=0", "--train.log_every_steps=5"]
 
@@ -37,27 +44,36 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chat_workdir(tmp_path_factory, pretrained):
-    root = tmp_path_factory.mktemp("chat")
-    (root / "data").mkdir()
+def chat_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_data")
     for name, rows in (("train", _conversations(200)), ("val", _conversations(240)[200:])):
-        (root / "data" / f"{name}.jsonl").write_text(
+        (root / f"{name}.jsonl").write_text(
             "\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8"
         )
-    config = apply_overrides(
+    return root
+
+
+def _chat_config(chat_data, *extra):
+    return apply_overrides(
         load_experiment("chat_english"),
         [
-            f"--data.source=jsonl:{root / 'data'}",
+            f"--data.source=jsonl:{chat_data}",
             "--train.steps=60",
             "--train.batch_size=8",
             "--train.learning_rate=3e-3",
             "--eval.every_steps=30",
             "--eval.num_batches=2",
             *QUICK,
+            *extra,
         ],
     )
-    final = finetune(config, root / "run", pretrained)
-    return root / "run", final
+
+
+@pytest.fixture(scope="module")
+def chat_workdir(tmp_path_factory, pretrained, chat_data):
+    run = tmp_path_factory.mktemp("chat") / "run"
+    final = finetune(_chat_config(chat_data), run, pretrained)
+    return run, final
 
 
 def test_assistant_loss_falls_from_step_zero(chat_workdir):
@@ -129,3 +145,61 @@ def test_piped_lines_hold_a_conversation(chat_workdir):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("assistant> ") == 3
     assert "(conversation reset)" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def lora_workdir(tmp_path_factory, pretrained, chat_data):
+    run = tmp_path_factory.mktemp("lora") / "run"
+    lines = []
+    config = _chat_config(chat_data, "--finetune.lora_rank=4", "--train.learning_rate=1e-2")
+    final = finetune(config, run, pretrained, log=lines.append)
+    return run, final, lines
+
+
+def test_lora_trains_only_the_adapters(lora_workdir, chat_workdir, pretrained):
+    workdir, final, lines = lora_workdir
+    # Rank 4 on 2 layers x (q, k, v, out: 64 -> 64; up 64 -> 256, down 256 -> 64): the adapters
+    # are 2 * (4 * 4 * (64 + 64) + 2 * 4 * (64 + 256)) = 9,216 parameters.
+    assert any("LoRA rank 4 (alpha 16): 9,216 trainable parameters" in ln for ln in lines), lines
+    val = [r for r in read_metrics(workdir) if "val_loss" in r]
+    full = [r for r in read_metrics(chat_workdir[0]) if "val_loss" in r]
+    # B starts at zero: at step 0 the adapted model is the pretrained one.
+    assert val[0]["step"] == 0 and val[0]["val_loss"] == pytest.approx(full[0]["val_loss"], 1e-6)
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.3, val
+    base, tuned = load(pretrained).params, load(workdir).params
+    frozen, adapters = lora.split(tuned)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(base), jax.tree.leaves(frozen), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(adapters))  # B moved off zero
+
+
+def test_lora_optimizer_keeps_state_for_adapters_only():
+    config = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=256, lora_rank=2)
+    params = init_params(config, jax.random.key(0))["params"]
+    adapters = lora.split(params)[1]
+    state = make_optimizer(TrainConfig(), lora=True).init(params)
+    sizes = sorted(x.size for x in jax.tree.leaves(state) if x.ndim)
+    assert sizes == sorted(2 * [x.size for x in jax.tree.leaves(adapters)])  # Adam mu and nu
+
+
+def test_lora_export_merges_into_the_weights(lora_workdir, tmp_path):
+    workdir = lora_workdir[0]
+    export(workdir, tmp_path / "merged")
+    adapted, merged = load(workdir), load(tmp_path / "merged")
+    assert merged.config.model.lora_rank == 0 and not lora.split(merged.params)[1]
+    tokens = np.array([[2, 5, 9, 14, 30, 41, 7, 3]], np.int32)
+    logits = [g.model.apply({"params": g.params}, tokens) for g in (adapted, merged)]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_workdir_cannot_be_fine_tuned_again(lora_workdir, chat_data, tmp_path):
+    with pytest.raises(ValueError, match="`gptjax export` it first"):
+        finetune(_chat_config(chat_data), tmp_path / "again", lora_workdir[0])
+
+
+def test_pretraining_refuses_lora(tmp_path):
+    config = apply_overrides(load_experiment("tiny"), ["--finetune.lora_rank=4"])
+    with pytest.raises(ValueError, match="LoRA adapters are for fine-tuning"):
+        pretrain(config, tmp_path)
