@@ -9,8 +9,21 @@ lower learning rate and a short warmup. The corpus has one malformed record (a t
 whose YAML swallowed its answer); it is skipped and counted. Other languages:
 `--data.source=chatterbot:chinese` (the tokenizer's byte fallback keeps any text lossless).
 
-Hardware: 2 CPU cores. Expected ~2 minutes after pretraining (300 steps of 16 packed rows);
-the before/after assistant loss of a full quickstart run is still to be recorded here.
+Hardware: 2 CPU cores, nothing else running. Measured as the second stage of
+`gptjax quickstart --workdir /tmp/qs2` (on experiments/shakespeare.py's model): 2.2 minutes
+for 300 steps of 16 packed rows; assistant-token val loss 7.99 before fine-tuning (the
+pretrained model), then 3.36 / 3.13 / 3.08 at steps 100 / 200 / 300 (train loss 1.17: the
+English corpus is small and mostly repeats). The whole quickstart took 12 min 17 s; its three
+exchanges (temperature 0.5, seed 0):
+
+    you> Hello, how are you?
+    assistant> I am not a simple chat robot.
+    you> What is your name?
+    assistant> I do not make an expression and a lot of bots.
+    you> Tell me a joke.
+    assistant> I do not a boying number in the number.
+
+A 2.2M-parameter model after 12 CPU minutes: it answers in the corpus' register, not sensibly.
 """
 
 from gptjax.config import Config, DataConfig, EvalConfig, TrainConfig

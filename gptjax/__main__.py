@@ -19,6 +19,7 @@ from pathlib import Path
 DEFAULT_EXPERIMENT = "shakespeare"
 DEFAULT_CHAT_EXPERIMENT = "chat_english"
 QUICKSTART_QUESTIONS = ("Hello, how are you?", "What is your name?", "Tell me a joke.")
+QUICKSTART_TEMPERATURE = 0.5  # a 2M-parameter model rambles at 0.8 and repeats itself at 0
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -228,7 +229,12 @@ def _quickstart(args: argparse.Namespace) -> None:
     )
     generator = load(root / "chat")
     for question in QUICKSTART_QUESTIONS:
-        reply = generator.chat([{"role": "user", "content": question}], max_new_tokens=48)
+        reply = generator.chat(
+            [{"role": "user", "content": question}],
+            max_new_tokens=48,
+            temperature=QUICKSTART_TEMPERATURE,
+            seed=0,
+        )
         print(f"you> {question}\nassistant> {reply}")
     print(f"talk to it: gptjax chat --workdir {root / 'chat'}")
 

@@ -30,7 +30,9 @@ both).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +104,24 @@ def _preservation(policy: CheckpointConfig) -> dict[str, Any]:
     return {"preservation_policy": both, "best_fn": _val_loss, "best_mode": "min"}
 
 
+class _ReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    """Orbax warns "Given directory is read only" whenever a manager opens checkpoints for
+    reading (generate, finetune --init-from, export); reading is what was asked for."""
+    notice = _ReadOnlyNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class Checkpointer:
     """The checkpoints of one workdir: save (asynchronous unless ``async_save=False``),
     ``wait`` for the save in flight, restore, read the saved config and tokenizer."""
@@ -124,9 +144,10 @@ class Checkpointer:
             enable_async_checkpointing=policy.async_save and not read_only,
             cleanup_tmp_directories=not read_only,  # what a killed save left behind
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=_handlers()
-        )
+        with _quiet_read_only():
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=_handlers()
+            )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -202,6 +202,7 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
     SIGTERM/SIGINT stop they include ``stopped_at_step`` and ``stopped_by``."""
     workdir, say = Path(workdir), _lead_only(log)
     shape = preflight(config)
+    distributed.check_shared_workdir(workdir)  # several processes: one folder, or stop now
     say(task.description)
     ckpt = Checkpointer(workdir, config.checkpoint)
     try:

@@ -285,6 +285,17 @@ def test_config_mismatch_stops_every_process(tmp_path):
         assert "config train.steps" not in line
 
 
+def test_an_unshared_workdir_stops_every_process(tmp_path):
+    """Each process is given its own folder (as on hosts without a shared filesystem): the run
+    stops before training instead of hanging at the first checkpoint."""
+    results = _pair(tmp_path, extra_of=lambda i: ["--workdir", str(tmp_path / "w1")] if i else [])
+    for r in results:
+        assert r["rc"] == 2, r["stderr"][-2000:]
+        line = r["stderr"].strip().splitlines()[-1]
+        assert line.startswith("gptjax: error: --workdir ") and "is not shared" in line, line
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     "process_id, message",
     [
