@@ -18,6 +18,14 @@ same batch, prompt and number of new tokens, end to end (prefill included) — o
 ``GPT2LMHeadModel`` of the same shape with random weights (no download). Without them the
 speedup is against the numbers quoted for this machine kind (``HF_QUOTED``: about 640 tokens/s
 for the 4x128 char model and 39 tokens/s for the GPT-2 124M shape, batch 1).
+
+Ceiling, measured in the same run for models too big for the CPU caches: a decoding step
+reads every weight once, so no decoder beats ``batch / weights_pass_s``, the time of one pass
+that reads all the model's weight matrices (``_read_all_weights``). For GPT-2 124M in float32
+that is ~500 MB a token: on this 2-core machine ~23-26 ms (~20 GB/s), i.e. ~39-43 tokens/s at
+batch 1 — below 2x Hugging Face's ~32-39. Lower-precision weights would lift the ceiling, but
+XLA:CPU's bfloat16 matvecs run ~7x slower than float32 ones here (a chain of GPT-2's matvecs:
+186 ms vs 26 ms).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import MODEL_PRESETS, ModelConfig
@@ -85,6 +94,24 @@ def old_generate(params, model: GPT, prompt: list[int], max_new_tokens: int) -> 
     return tokens
 
 
+@jax.jit
+def _read_all_weights(params) -> jax.Array:
+    """One pass over every weight matrix as decoding at batch 1 makes it: a vector times each
+    kernel (and the embedding table), so each float is read from memory once."""
+    total = jnp.zeros((), jnp.float32)
+    for w in jax.tree.leaves(params):
+        if w.ndim >= 2:
+            w2 = w.reshape(w.shape[0], -1)
+            total += jnp.dot(jnp.ones((w2.shape[0],), w2.dtype), w2).sum()
+    return total
+
+
+def weights_pass_s(params, repeats: int = 10) -> float:
+    """Seconds for ``_read_all_weights``: per decoding step, no batch-1 decoder can beat it."""
+    _read_all_weights(params).block_until_ready()
+    return statistics.median(_timed(lambda: _read_all_weights(params))[0] for _ in range(repeats))
+
+
 def _timed(fn) -> tuple[float, object]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
@@ -96,6 +123,9 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
     params = init_params(config, jax.random.key(0))["params"]
     rng = np.random.default_rng(0)
     rows = []
+    # Only a bound where the weights do not fit in the CPU caches; a small model's pass is
+    # dominated by per-matrix overheads instead.
+    weights_s = weights_pass_s(params) if count_params(config) > 50e6 else None
     for batch in args.batch_sizes:
         prompts = rng.integers(8, config.vocab_size, (batch, PROMPT_LEN)).tolist()
         run = functools.partial(
@@ -120,6 +150,9 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
             "decode_tokens_per_s": decode,
             "end_to_end_tokens_per_s": batch * args.new_tokens / total,
         }
+        if weights_s:  # memory-bandwidth bound: each decoding step reads every weight once
+            row["weights_pass_s"] = weights_s
+            row["bandwidth_ceiling_tokens_per_s"] = batch / weights_s
         if batch == 1 and args.stream:
             hook = functools.partial(run, on_token=lambda row, token: None)
             hook()  # compiled already; the first call pays nothing new
@@ -199,7 +232,8 @@ def _hf_available() -> bool:
 
 HEADER = (
     f"{'model':<6} {'params':>7} {'B':>2} {'compile+1st s':>13} {'prefill ms':>10} "
-    f"{'decode tok/s':>12} {'e2e tok/s':>9} {'stream tok/s':>12} {'old tok/s':>9} {'x old':>6} "
+    f"{'decode tok/s':>12} {'ceiling':>8} {'e2e tok/s':>9} {'stream tok/s':>12} "
+    f"{'old tok/s':>9} {'x old':>6} "
     f"{'HF tok/s':>9} {'x HF':>5}"
 )
 
@@ -211,7 +245,7 @@ def _line(r: dict) -> str:
     return (
         f"{r['model']:<6} {r['params'] / 1e6:>6.1f}M {r['batch']:>2} {r['first_call_s']:>13.2f} "
         f"{r['prefill_s'] * 1e3:>10.1f} {r['decode_tokens_per_s']:>12.0f} "
-        f"{r['end_to_end_tokens_per_s']:>9.0f} "
+        f"{f('bandwidth_ceiling_tokens_per_s', '.0f'):>8} {r['end_to_end_tokens_per_s']:>9.0f} "
         f"{f('stream_tokens_per_s', '.0f'):>12} {f('baseline_tokens_per_s', '.1f'):>9} "
         f"{f('speedup_vs_baseline', '.0f'):>6} {f('hf_tokens_per_s', '.0f'):>9}"
         f"{'' if r.get('hf_measured', True) else '*'} {f('speedup_vs_hf', '.2f'):>5}"
