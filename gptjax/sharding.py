@@ -101,8 +101,8 @@ def logical_shardings(abstract_tree, mesh: Mesh):
     """
 
     def spec(x):
-        if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.unbox()):
-            return x.unbox()
+        if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x):
+            return x.value  # not unbox(): under a mesh that would add a sharding constraint
         return nn.get_partition_spec(x)
 
     specs = jax.tree.map(spec, abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
