@@ -24,6 +24,11 @@ exchanges (temperature 0.5, seed 0):
     assistant> I do not a boying number in the number.
 
 A 2.2M-parameter model after 12 CPU minutes: it answers in the corpus' register, not sensibly.
+
+LoRA instead of full fine-tuning (`--finetune.lora_rank=8 --train.learning_rate=5e-3
+--train.min_learning_rate=5e-4 --train.weight_decay=0.0`, same pretrained model): 110,592
+trainable parameters (4.8%), 2.4 minutes, assistant val loss 7.99 → 4.42 / 4.08 / 3.92 — a
+rank-8 adapter on a model this small learns the register less well than full fine-tuning.
 """
 
 from gptjax.config import Config, DataConfig, EvalConfig, TrainConfig
