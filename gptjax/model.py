@@ -124,18 +124,19 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _normal(self.std, self.names), shape, jnp.float32)
         dtype = _dtype(self.config)
         lead = x.shape[: x.ndim - len(self.in_shape)]
+        x2 = x.reshape(-1, n_in).astype(dtype)  # [N, IN]
         y = jnp.dot(
-            x.reshape(-1, n_in).astype(dtype),
+            x2,
             kernel.reshape(n_in, n_out).astype(dtype),
             preferred_element_type=jnp.float32 if self.float32_out else None,
         )
         if self.lora and self.config.lora_rank:
-            y = y + self._adapter(x.reshape(-1, n_in).astype(dtype), n_in, n_out)
+            y = y + self._adapter(x2, n_in, n_out)
         y = y.reshape(*lead, *self.out_shape)  # [..., *OUT]
         if self.bias and self.config.use_bias:
-            bias_names = self.names[len(self.in_shape) :]
+            out_names = self.names[len(self.in_shape) :]
             bias = self.param(
-                "bias", _named(nn.initializers.zeros, bias_names), self.out_shape, jnp.float32
+                "bias", _named(nn.initializers.zeros, out_names), self.out_shape, jnp.float32
             )
             y = y + bias.astype(dtype)
         return y
@@ -144,8 +145,8 @@ class Linear(nn.Module):
         """LoRA: ``(alpha / r) * (x [N, IN] @ A [IN, r]) @ B [r, OUT]``. A is uniform in
         ±1/sqrt(IN) (PEFT's Kaiming init), B zero: the adapted layer starts as the base one."""
         c, r = self.config, self.config.lora_rank
-        n_out_axes = len(self.out_shape)
-        in_names, out_names = self.names[:-n_out_axes], self.names[-n_out_axes:]
+        n = len(self.in_shape)
+        in_names, out_names = self.names[:n], self.names[n:]
         bound = 1.0 / math.sqrt(n_in)
         a = self.param(
             "lora_a",
