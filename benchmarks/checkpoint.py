@@ -36,7 +36,7 @@ from gptjax.checkpoint import Checkpointer
 from gptjax.config import MODEL_PRESETS, CheckpointConfig, Config, MeshConfig, TrainConfig
 from gptjax.model import GPT, count_params
 from gptjax.tokenizer import Tokenizer
-from gptjax.train import compile_steps
+from gptjax.training.steps import compile_steps
 
 MODELS = {
     "wide": dataclasses.replace(

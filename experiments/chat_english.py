@@ -5,8 +5,9 @@
 
 Takes the model shape, tokenizer and weights of the pretraining workdir; trains with the
 assistant-only loss on packed conversations (~5% held out for validation by a stable hash),
-lower learning rate and a short warmup. The corpus has one malformed record (a trivia question
-whose YAML swallowed its answer); it is skipped and counted. Other languages:
+lower learning rate and a short warmup. The corpus ships one malformed record (a trivia
+question whose YAML swallowed its answer); the chatterbot source skips it and says so. Other
+languages:
 `--data.source=chatterbot:chinese` (the tokenizer's byte fallback keeps any text lossless).
 
 Hardware: 2 CPU cores, nothing else running. Measured as the second stage of
@@ -25,7 +26,7 @@ exchanges (temperature 0.5, seed 0):
 
 A 2.2M-parameter model after 12 CPU minutes: it answers in the corpus' register, not sensibly.
 
-LoRA instead of full fine-tuning (`--finetune.lora_rank=8 --train.learning_rate=5e-3
+LoRA instead of full fine-tuning (`--model.lora_rank=8 --train.learning_rate=5e-3
 --train.min_learning_rate=5e-4 --train.weight_decay=0.0`, same pretrained model): 110,592
 trainable parameters (4.8%), 2.4 minutes, assistant val loss 7.99 → 4.42 / 4.08 / 3.92 — a
 rank-8 adapter on a model this small learns the register less well than full fine-tuning.
@@ -36,7 +37,7 @@ from gptjax.config import Config, DataConfig, EvalConfig, TrainConfig
 
 def get_config() -> Config:
     return Config(
-        data=DataConfig(source="chatterbot:english", on_bad_record="skip", val_fraction=0.05),
+        data=DataConfig(source="chatterbot:english", val_fraction=0.05),
         train=TrainConfig(
             steps=300,
             batch_size=16,

@@ -9,39 +9,45 @@ Everything the CLI does is importable, e.g. from a notebook::
     print(gen("ROMEO:", max_new_tokens=50))
     gptjax.finetune(gptjax.load_experiment("chat_english"), "runs/chat", "runs/tiny")
     print(gptjax.load("runs/chat").chat([{"role": "user", "content": "Hello!"}]))
+
+The names below load on first use (module ``__getattr__``), so ``import gptjax`` itself does
+not import JAX, Orbax, TFDS or grain.
 """
 
-from gptjax.config import (
-    MODEL_PRESETS,
-    Config,
-    apply_overrides,
-    load_experiment,
-    validate,
-)
-from gptjax.config import ModelConfig as GPTConfig
-from gptjax.finetune import finetune
-from gptjax.generate import Generator, generate, load
-from gptjax.loop import pretrain
-from gptjax.model import GPT
-from gptjax.session import ChatSession
-from gptjax.tokenizer import Tokenizer
+from __future__ import annotations
 
-train = pretrain
+import importlib
+from typing import Any
 
-__all__ = [
-    "GPT",
-    "ChatSession",
-    "GPTConfig",
-    "MODEL_PRESETS",
-    "Config",
-    "Generator",
-    "Tokenizer",
-    "apply_overrides",
-    "finetune",
-    "generate",
-    "load",
-    "load_experiment",
-    "pretrain",
-    "train",
-    "validate",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "MODEL_PRESETS": "gptjax.config",
+    "Config": "gptjax.config",
+    "apply_overrides": "gptjax.config",
+    "load_experiment": "gptjax.config",
+    "validate": "gptjax.config",
+    "GptjaxError": "gptjax.errors",
+    "GPT": "gptjax.model",
+    "Tokenizer": "gptjax.tokenizer",
+    "export": "gptjax.checkpoint",
+    "pretrain": "gptjax.training.pretrain",
+    "finetune": "gptjax.training.finetune",
+    "generate": "gptjax.inference.decode",
+    "Generator": "gptjax.inference.generator",
+    "load": "gptjax.inference.generator",
+    "ChatSession": "gptjax.inference.session",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'gptjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,25 +1,38 @@
-"""The ``gptjax`` command line (also ``python -m gptjax``): parse, set up, call the library.
+"""The ``gptjax`` command line (also ``python -m gptjax``).
 
-    gptjax quickstart [--workdir DIR]          pretrain → chat fine-tune → a few chat turns
-    gptjax pretrain [--config FILE_OR_NAME] [--workdir DIR] [--dry-run] [--section.key=value]
-    gptjax finetune --init-from DIR [--config FILE_OR_NAME] [--workdir DIR] [--section.key=value]
-    gptjax generate --workdir DIR --prompt TEXT [sampling flags]
-    gptjax chat --workdir DIR [--system TEXT] [--once MESSAGE] [sampling flags]
-    gptjax export --workdir DIR --out DIR [--dtype float32|bfloat16] [--step N]
-
-User errors (bad config, bad data, bad device layout) print one line on stderr and exit 2.
+It only parses arguments, joins the other processes of a multi-host run and calls the library
+(``gptjax.pretrain``, ``gptjax.finetune``, ``gptjax.load``, ...), which does everything else.
+A ``GptjaxError`` (a user error) becomes one line on stderr and exit code 2; Ctrl-C exit code
+130; any other exception is a bug and keeps its traceback, with a request to report it.
+The library is imported inside each command, so that ``gptjax --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+
+from gptjax.errors import GptjaxError
 
 DEFAULT_EXPERIMENT = "shakespeare"
 DEFAULT_CHAT_EXPERIMENT = "chat_english"
 QUICKSTART_QUESTIONS = ("Hello, how are you?", "What is your name?", "Tell me a joke.")
 QUICKSTART_TEMPERATURE = 0.5  # a 2M-parameter model rambles at 0.8 and repeats itself at 0
+DESCRIPTION = (
+    "gptjax: pretrain GPT-style language models on text, fine-tune them for chat, sample from "
+    "them and talk to them (JAX/Flax; one CPU to a TPU pod, same code)."
+)
+EXAMPLES = """examples:
+  gptjax quickstart                        pretrain on Shakespeare, fine-tune for chat, talk
+  gptjax pretrain --config tiny --workdir runs/tiny --train.steps=200
+  gptjax generate --workdir runs/tiny --prompt "ROMEO:"
+  gptjax finetune --init-from runs/tiny --workdir runs/chat
+  gptjax chat --workdir runs/chat
+
+`gptjax COMMAND --help` lists a command's options; any --section.key=value sets a config field."""
+REPORT = "gptjax: internal error (a bug, not your input): please report it with the traceback above"
 
 
 def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -32,14 +45,19 @@ def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 def _sampling(args: argparse.Namespace) -> dict:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+        raise GptjaxError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+        raise GptjaxError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gptjax",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     pre = sub.add_parser(
         "pretrain",
@@ -91,22 +109,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+def _train(args: argparse.Namespace, overrides: list[str]) -> None:
+    """``pretrain`` and ``finetune``: the experiment with the overrides, then the library."""
     from gptjax.config import apply_overrides, load_experiment, validate
 
     config = validate(apply_overrides(load_experiment(args.config), overrides))
     _init_distributed(config)
-    from gptjax.loop import pretrain
+    if getattr(args, "dry_run", False):
+        from gptjax.training.pretrain import dry_run
 
-    if args.dry_run:
-        _dry_run(config)
+        dry_run(config)
         return
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    final = pretrain(config, workdir)
-    _summary(final, workdir)
+    if args.command == "pretrain":
+        from gptjax.training.pretrain import pretrain
 
+        final = pretrain(config, workdir)
+    else:
+        from gptjax.training.finetune import finetune
 
-def _summary(final: dict, workdir: str) -> None:
+        final = finetune(config, workdir, args.init_from)
     import jax
 
     if jax.process_index() == 0 and "stopped_at_step" not in final:
@@ -114,47 +136,8 @@ def _summary(final: dict, workdir: str) -> None:
         print(f"done: {summary}; outputs in {workdir}")
 
 
-def _dry_run(config) -> None:
-    """Prints what one device will hold for this config and mesh; allocates nothing."""
-    from gptjax import data
-    from gptjax.loop import preflight, with_vocab
-    from gptjax.metrics import flops_per_token
-    from gptjax.model import GPT, count_params
-    from gptjax.train import memory_plan
-
-    if not config.model.vocab_size:  # the vocabulary comes from the data's tokenizer
-        config = with_vocab(config, data.load_corpus(config.data).tokenizer)
-    shape = preflight(config)
-    plan = memory_plan(config, GPT(config.model))
-    n = count_params(config.model)
-    mib = {k: v / 2**20 for k, v in plan.items() if k.endswith("bytes")}
-    print(
-        f"model {config.model.preset}: {n:,} parameters, "
-        f"{flops_per_token(config.model, n) / 1e9:.3f} GFLOPs per trained token"
-    )
-    print(f"mesh data,fsdp,tensor={shape} over {plan['devices']} devices; per device:")
-    print(f"  parameters        {mib['param_bytes']:10.1f} MiB")
-    print(f"  optimizer state   {mib['opt_state_bytes']:10.1f} MiB")
-    print(f"  step arguments    {mib['argument_bytes']:10.1f} MiB (state + batch, compiled)")
-    print(f"  temporaries       {mib['temp_bytes']:10.1f} MiB (activations, gradients)")
-    peak = mib["argument_bytes"] + mib["output_bytes"] - mib["alias_bytes"] + mib["temp_bytes"]
-    print(f"  peak estimate     {peak:10.1f} MiB")
-
-
-def _finetune(args: argparse.Namespace, overrides: list[str]) -> None:
-    from gptjax.config import apply_overrides, load_experiment, validate
-
-    config = validate(apply_overrides(load_experiment(args.config), overrides))
-    _init_distributed(config)
-    from gptjax.finetune import finetune
-
-    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    final = finetune(config, workdir, args.init_from)
-    _summary(final, workdir)
-
-
 def _generate(args: argparse.Namespace) -> None:
-    from gptjax.generate import load
+    from gptjax.inference.generator import load
 
     sampling = _sampling(args)
     generator = load(args.workdir)
@@ -162,8 +145,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from gptjax.generate import load
-    from gptjax.session import ChatSession
+    from gptjax.inference.generator import load
+    from gptjax.inference.session import ChatSession
 
     sampling = _sampling(args)
     for stream in (sys.stdin, sys.stdout):  # UTF-8 both ways, whatever the locale says
@@ -189,12 +172,26 @@ def _chat(args: argparse.Namespace) -> None:
             session.reset()
             print("(conversation reset)")
         elif text:
-            _answer(session, text)
+            try:
+                _answer(session, text)
+            except GptjaxError as e:  # a message too long for the window: say so, go on
+                print(f"(not sent: {e})", flush=True)
 
 
 def _answer(session, text: str) -> None:
-    print("assistant> ", end="", flush=True)
-    session.send(text, stream=lambda piece: print(piece, end="", flush=True))
+    """Sends ``text`` and streams the reply; raises before printing anything if it cannot."""
+    started = False
+
+    def show(piece: str) -> None:
+        nonlocal started
+        if not started:
+            print("assistant> ", end="", flush=True)
+            started = True
+        print(piece, end="", flush=True)
+
+    reply = session.send(text, stream=show)
+    if not started:
+        print(f"assistant> {reply}", end="")
     print(flush=True)
     if session.dropped:
         print(f"(dropped the {session.dropped} oldest messages to fit the context window)")
@@ -213,10 +210,10 @@ def _export(args: argparse.Namespace) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     """The main job: pretrain on the embedded plays, fine-tune on chatterbot english, talk."""
     from gptjax.config import load_experiment
-    from gptjax.finetune import finetune
-    from gptjax.generate import load
-    from gptjax.loop import pretrain
+    from gptjax.inference.generator import load
     from gptjax.metrics import read_metrics
+    from gptjax.training.finetune import finetune
+    from gptjax.training.pretrain import pretrain
 
     root = Path(args.workdir)
     pretrain(load_experiment(DEFAULT_EXPERIMENT), root / "pretrain")
@@ -246,27 +243,36 @@ def _init_distributed(config) -> None:
     distributed.initialize(config.dist)
 
 
+COMMANDS = {
+    "pretrain": _train,
+    "finetune": _train,
+    "generate": _generate,
+    "chat": _chat,
+    "export": _export,
+    "quickstart": _quickstart,
+}
+TAKES_OVERRIDES = ("pretrain", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
-        if args.command in ("pretrain", "finetune"):
-            (_pretrain if args.command == "pretrain" else _finetune)(args, extra)
+        if args.command in TAKES_OVERRIDES:
+            COMMANDS[args.command](args, extra)
+        elif extra:
+            raise GptjaxError(f"unrecognised arguments: {' '.join(extra)}")
         else:
-            if extra:
-                raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-            commands = {
-                "generate": _generate,
-                "chat": _chat,
-                "export": _export,
-                "quickstart": _quickstart,
-            }
-            commands[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+            COMMANDS[args.command](args)
+    except GptjaxError as e:
         print(f"gptjax: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gptjax: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(REPORT, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,8 +13,8 @@ A checkpoint is self-describing and holds no pickles. Its items:
 * ``tokenizer``  — the SentencePiece model, base64 in JSON.
 
 An export (``export``) has the same layout with ``params``, ``config`` and ``tokenizer`` only,
-plus ``WORKDIR``-style ``config.json`` and ``tokenizer.model`` files, so ``load_params`` and
-``gptjax.load`` read an export directory and a training workdir alike.
+plus a workdir's ``config.json`` and ``tokenizer.model`` (``gptjax/workdir.py``), so
+``load_params`` and ``gptjax.load`` read an export directory and a training workdir alike.
 
 The arrays are the *logical* train state: a pmap run saves one replica, so jit and pmap
 checkpoints are interchangeable. Arrays are restored straight into the shardings of an abstract
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -48,10 +47,12 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from gptjax import lora
 from gptjax.config import CheckpointConfig, Config
+from gptjax.errors import GptjaxError
+from gptjax.metrics import Log
+from gptjax.sharding import PMAP_AXIS
 from gptjax.tokenizer import Tokenizer
-from gptjax.train import PMAP_AXIS
+from gptjax.workdir import checkpoint_dir, write_export_info, write_workdir
 
-Log = Callable[[str], None]
 EXPORT_DTYPES = ("float32", "bfloat16")
 UNREADABLE_DIR = "checkpoints-unreadable"  # where fallback moves checkpoints it cannot read
 
@@ -74,8 +75,29 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint step whose files are missing, truncated or otherwise unreadable."""
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
+# What reading a missing, truncated or corrupt checkpoint raises: TensorStore's ValueError
+# (OUT_OF_RANGE, NOT_FOUND, DATA_LOSS), json's JSONDecodeError (a ValueError), KeyError for a
+# missing item, OSError from the filesystem.
+_READ_ERRORS = (ValueError, KeyError, OSError)
+
+
+@contextlib.contextmanager
+def _reading():
+    """Turns the errors of reading a damaged checkpoint into ``UnreadableCheckpoint``; anything
+    else (a bug) propagates as it is."""
+    try:
+        yield
+    except GptjaxError:
+        raise
+    except _READ_ERRORS as e:
+        raise UnreadableCheckpoint(_reason(e)) from e
+    except Exception as e:
+        # Orbax wraps TensorStore's read error in a bare Exception ("Encountered error while
+        # reading array index ...", orbax-checkpoint 0.12); only that wrapper is unwrapped.
+        inner = e.__cause__ or e.__context__
+        if type(e) is not Exception or not isinstance(inner, _READ_ERRORS):
+            raise
+        raise UnreadableCheckpoint(_reason(e)) from e
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -181,7 +203,7 @@ class Checkpointer:
 
     def read_saved(self, step: int) -> tuple[Config, Tokenizer]:
         """The config and tokenizer saved with ``step``; ``UnreadableCheckpoint`` if missing."""
-        try:
+        with _reading():
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -190,12 +212,10 @@ class Checkpointer:
             )
             proto = base64.b64decode(out.tokenizer["sentencepiece_model_base64"])
             tokenizer, saved = Tokenizer.from_bytes(proto), dict(out.config)
-        except Exception as e:  # noqa: BLE001 — any failure to read means the same to the user
-            raise UnreadableCheckpoint(_reason(e)) from e
         try:
             return Config.from_dict(saved), tokenizer
-        except ValueError as e:  # readable, but from a gptjax with other config fields
-            raise ValueError(
+        except GptjaxError as e:  # readable, but from a gptjax with other config fields
+            raise GptjaxError(
                 f"checkpoint {self.directory}/{step} has a config this gptjax cannot read ({e})"
             ) from None
 
@@ -203,14 +223,12 @@ class Checkpointer:
         """Refuses targets (``{"params": tree, "train": tree}`` of abstract arrays) that differ
         in names or shapes from the items saved at ``step``; Orbax would otherwise fail deep
         inside, or pad and truncate where allowed."""
-        try:
+        with _reading():
             metadata = self.manager.item_metadata(step)
             saved = _shapes({name: metadata[name].tree for name in targets})
-        except Exception as e:  # noqa: BLE001
-            raise UnreadableCheckpoint(_reason(e)) from e
         wanted = _shapes(targets)
         if saved != wanted:
-            raise ValueError(_shape_message(saved, wanted, f"{self.directory}/{step}"))
+            raise GptjaxError(_shape_message(saved, wanted, f"{self.directory}/{step}"))
 
     def restore(self, abstract_state, step: int) -> tuple[Any, dict]:
         """``(state, data_state)`` of ``step``, restored into the shapes, dtypes and shardings of
@@ -219,12 +237,12 @@ class Checkpointer:
         Raises ``UnreadableCheckpoint`` if any file of it cannot be read.
         """
         if not (self.directory / str(step) / "train").is_dir():
-            raise ValueError(
+            raise GptjaxError(
                 f"{self.directory}/{step} holds parameters only (an export?), not a training "
                 f"state; use it with `gptjax generate`, or resume from a training workdir"
             )
         self.check_shapes(step, {"params": abstract_state.params, "train": _rest(abstract_state)})
-        try:
+        with _reading():
             out = self.manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -233,8 +251,6 @@ class Checkpointer:
                     data=ocp.args.JsonRestore(),
                 ),
             )
-        except Exception as e:  # noqa: BLE001
-            raise UnreadableCheckpoint(_reason(e)) from e
         return abstract_state.replace(params=out.params, **out.train), out.data
 
     def set_aside(self, step: int) -> Path:
@@ -333,17 +349,17 @@ def check_compatible(
     changes = config_changes(saved, config)
     model_changed = any(c.startswith("model.") for c in changes)
     if model_changed and _param_shapes(saved) != _param_shapes(config):
-        raise ValueError(
+        raise GptjaxError(
             f"checkpoint {where} is of a different model shape ({'; '.join(changes)}); start a "
             f"new --workdir, or drop those overrides to continue it"
         )
     if saved_tokenizer.fingerprint != tokenizer.fingerprint:
-        raise ValueError(
+        raise GptjaxError(
             f"checkpoint {where} was trained with another tokenizer ({saved_tokenizer!r}, now "
             f"{tokenizer!r}); start a new --workdir, or resume with its data settings"
         )
     if changes and not config.checkpoint.allow_reshape:
-        raise ValueError(
+        raise GptjaxError(
             f"this run changes settings that checkpoint {where} fixes ({'; '.join(changes)}); "
             f"start a new --workdir, drop those overrides, or pass "
             f"--checkpoint.allow_reshape=true to continue with the new settings"
@@ -398,7 +414,7 @@ def resume(
     """Restores the latest complete checkpoint into ``abstract_state``: ``(state, data_state,
     step)``, or ``None`` when there is none.
 
-    An unreadable checkpoint is a ``ValueError`` naming the step and the directory; with
+    An unreadable checkpoint is a ``GptjaxError`` naming the step and the directory; with
     ``checkpoint.fallback`` it is moved aside and the previous step is tried instead. Every
     process must call this; they agree on whether each step was readable.
     """
@@ -412,7 +428,7 @@ def resume(
         except UnreadableCheckpoint as e:
             previous = f" (step {steps[i - 1]})" if i else ""
             if not ckpt.policy.fallback:
-                raise ValueError(
+                raise GptjaxError(
                     f"checkpoint step {step} in {ckpt.directory} is unreadable ({e}); pass "
                     f"--checkpoint.fallback=true to resume from the previous checkpoint"
                     f"{previous}, or delete {where} yourself"
@@ -422,7 +438,7 @@ def resume(
             continue
         return state, _rebatch(data_state, saved, config, log), step
     if steps:
-        raise ValueError(
+        raise GptjaxError(
             f"no readable checkpoint left in {ckpt.directory} (the unreadable ones are in "
             f"{ckpt.workdir / UNREADABLE_DIR}); start a new --workdir"
         )
@@ -519,23 +535,19 @@ def load_params(path: str | Path, abstract_params, step: int | None = None):
     try:
         step = reader.latest_step() if step is None else step
         if step is None:
-            raise ValueError(
+            raise GptjaxError(
                 f"{path} has no checkpoint; train one with `gptjax pretrain --workdir {path}`"
             )
         reader.check_shapes(step, {"params": abstract_params})
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        return reader.manager.restore(step, args=args).params
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, ValueError):
-            raise
-        raise ValueError(
-            f"checkpoint step {step} in {reader.directory} is unreadable ({_reason(e)})"
+        with _reading():
+            return reader.manager.restore(step, args=args).params
+    except UnreadableCheckpoint as e:
+        raise GptjaxError(
+            f"checkpoint step {step} in {reader.directory} is unreadable ({e})"
         ) from None
     finally:
         reader.close()
-
-
-restore_params = load_params  # the name generate.load used first
 
 
 def export(
@@ -550,21 +562,22 @@ def export(
     host memory. Returns the checkpoint directory written.
     """
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype={dtype!r} is not one of {EXPORT_DTYPES}")
+        raise GptjaxError(f"export dtype={dtype!r} is not one of {EXPORT_DTYPES}")
     out = Path(out).absolute()
     if checkpoint_dir(out).exists() and any(checkpoint_dir(out).iterdir()):
-        raise ValueError(f"{out} already holds checkpoints; export to a new directory")
+        raise GptjaxError(f"{out} already holds checkpoints; export to a new directory")
     reader = Checkpointer(workdir, read_only=True)
     step = reader.latest_step() if step is None else step
     if step is None:
-        raise ValueError(f"{workdir} has no checkpoint to export; train one first")
+        raise GptjaxError(f"{workdir} has no checkpoint to export; train one first")
     try:
         config, tokenizer = reader.read_saved(step)
-        tree = reader.manager.item_metadata(step)["params"].tree
+        with _reading():
+            tree = reader.manager.item_metadata(step)["params"].tree
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(
-            f"checkpoint step {step} in {reader.directory} is unreadable ({_reason(e)})"
+    except UnreadableCheckpoint as e:
+        raise GptjaxError(
+            f"checkpoint step {step} in {reader.directory} is unreadable ({e})"
         ) from None
     finally:
         reader.close()
@@ -573,9 +586,7 @@ def export(
     if lora_rank:  # a plain model again: the adapters folded into their weights
         params, config = lora.merge(params, config.model), lora.without_lora(config)
     params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
-    tokenizer.save(out / "tokenizer.model")
+    write_workdir(out, config, tokenizer)
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with ocp.CheckpointManager(
         checkpoint_dir(out), options=options, item_handlers=_handlers()
@@ -588,14 +599,6 @@ def export(
                 tokenizer=ocp.args.JsonSave(_tokenizer_json(tokenizer)),
             ),
         )
-    (out / "export.json").write_text(
-        json.dumps(
-            {
-                "source": str(reader.directory / str(step)),
-                "dtype": dtype,
-                "merged_lora_rank": lora_rank,
-            }
-        )
-        + "\n"
-    )
+    source = str(reader.directory / str(step))
+    write_export_info(out, {"source": source, "dtype": dtype, "merged_lora_rank": lora_rank})
     return checkpoint_dir(out) / str(step)

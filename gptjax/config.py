@@ -2,7 +2,7 @@
 
 Defaults are written once, here. Experiments (``experiments/*.py``) return a ``Config`` from
 ``get_config()``; the CLI applies ``--section.key=value`` overrides on top, parsed with
-``ast.literal_eval`` and type-checked against the field. Every user error is a ``ValueError``
+``ast.literal_eval`` and type-checked against the field. Every user error is a ``GptjaxError``
 whose message names the field, the value, the constraint and the fix.
 """
 
@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from gptjax.errors import GptjaxError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +43,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     use_bias: bool = True  # biases in linear and norm layers
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    # LoRA adapters on the attention and MLP matrices (gptjax/lora.py); `gptjax finetune` sets
-    # these from finetune.lora_rank / finetune.lora_alpha. 0 = none.
+    # LoRA adapters on the attention and MLP matrices (gptjax/lora.py), for fine-tuning only:
+    # `gptjax finetune --model.lora_rank=8` trains them with every pretrained weight frozen, and
+    # `gptjax export` merges them into the weights. 0 = none.
     lora_rank: int = 0
     lora_alpha: float = 16.0  # adapter outputs are scaled by lora_alpha / lora_rank
 
@@ -153,16 +156,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """Chat fine-tuning (``gptjax finetune``, see ``gptjax/finetune.py``)."""
-
-    # > 0: train rank-r LoRA adapters on the attention and MLP matrices with every pretrained
-    # weight frozen (gptjax/lora.py); `gptjax export` merges them into the weights. 0 = train all.
-    lora_rank: int = 0
-    lora_alpha: float = 16.0  # adapter outputs are scaled by lora_alpha / lora_rank
-
-
-@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axes; one of them may be -1 = the rest of the devices."""
 
@@ -198,7 +191,6 @@ class Config:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
@@ -213,8 +205,11 @@ class Config:
     def from_dict(cls, d: dict[str, dict[str, Any]]) -> Config:
         """Inverse of ``to_dict``; unknown sections or keys are errors (see ``replace``).
         ``model.preset`` is only the name the model came from here: a saved experiment's model
-        (preset "shakespeare", say) need not be a row of ``MODEL_PRESETS``."""
-        updates = {f"{s}.{k}": v for s, kv in d.items() for k, v in kv.items()}
+        (preset "shakespeare", say) need not be a row of ``MODEL_PRESETS``. A ``finetune``
+        section (gptjax <= 0.1 kept a copy of the LoRA settings there) is ignored: its values
+        are in ``model``."""
+        sections = {s: kv for s, kv in d.items() if s != "finetune"}
+        updates = {f"{s}.{k}": v for s, kv in sections.items() for k, v in kv.items()}
         return replace(cls(), updates, expand_preset=False)
 
 
@@ -241,7 +236,7 @@ def _coerce(dotted: str, value: Any, want: type) -> Any:
     if want is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if type(value) is not want:
-        raise ValueError(
+        raise GptjaxError(
             f"{dotted}={value!r} has type {type(value).__name__}, expected {want.__name__}; "
             f"e.g. --{dotted}={_example(want)}"
         )
@@ -263,7 +258,7 @@ def replace(config: Config, updates: dict[str, Any], *, expand_preset: bool = Tr
     if expand_preset and "model.preset" in updates:
         name = updates.pop("model.preset")
         if name not in MODEL_PRESETS:
-            raise ValueError(
+            raise GptjaxError(
                 f"model.preset={name!r} is unknown; use one of {', '.join(MODEL_PRESETS)}"
             )
         config = dataclasses.replace(config, model=MODEL_PRESETS[name])
@@ -275,7 +270,7 @@ def replace(config: Config, updates: dict[str, Any], *, expand_preset: bool = Tr
             f.name for f in dataclasses.fields(sections[section])
         }:
             close = difflib.get_close_matches(dotted, valid_keys(), n=1, cutoff=0.0)
-            raise ValueError(f"unknown config key {dotted!r}; did you mean {close[0]!r}?")
+            raise GptjaxError(f"unknown config key {dotted!r}; did you mean {close[0]!r}?")
         want = _field_type(sections[section], key)
         per_section.setdefault(section, {})[key] = _coerce(dotted, value, want)
     for section, kv in per_section.items():
@@ -290,7 +285,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
     body = arg[2:] if arg.startswith("--") else arg
     key, eq, text = body.partition("=")
     if not eq or "." not in key:
-        raise ValueError(
+        raise GptjaxError(
             f"override {arg!r} is not of the form --section.key=value, e.g. --train.steps=200"
         )
     try:
@@ -316,12 +311,12 @@ def load_experiment(spec: str) -> Config:
         try:
             module = importlib.import_module(f"experiments.{name}")
         except ModuleNotFoundError:
-            raise ValueError(
+            raise GptjaxError(
                 f"config {spec!r} not found: pass a Python file that defines "
                 f"get_config(), or the name of a file in experiments/"
             ) from None
     if not hasattr(module, "get_config"):
-        raise ValueError(
+        raise GptjaxError(
             f"config {spec!r} defines no get_config(); add one that returns a gptjax.Config"
         )
     return module.get_config()
@@ -363,12 +358,11 @@ def validate(config: Config) -> Config:
     ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
     _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
-    for section, lora in (("model", m), ("finetune", config.finetune)):
-        _check(
-            lora.lora_rank >= 0 and lora.lora_alpha > 0,
-            f"{section}.lora_rank={lora.lora_rank} must be >= 0 (0 = no LoRA) and "
-            f"{section}.lora_alpha={lora.lora_alpha} > 0",
-        )
+    _check(
+        m.lora_rank >= 0 and m.lora_alpha > 0,
+        f"model.lora_rank={m.lora_rank} must be >= 0 (0 = no LoRA) and "
+        f"model.lora_alpha={m.lora_alpha} > 0",
+    )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     _check(
         t.batch_size % t.grad_accum_steps == 0,
@@ -389,4 +383,4 @@ def _divisors(n: int) -> list[int]:
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise GptjaxError(message)

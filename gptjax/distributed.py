@@ -18,8 +18,6 @@ Environment variables:
 
 * ``GPTJAX_DIST_TIMEOUT`` — seconds a process waits for the others to show up (default 120);
   also passed to JAX as ``initialization_timeout``.
-* ``GPTJAX_TEST_VERSION`` — a test hook: replaces this process's gptjax version in the
-  cross-process check, to simulate a host with another install.
 """
 
 from __future__ import annotations
@@ -37,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from gptjax.config import Config, DistConfig
+from gptjax.errors import GptjaxError
 
 TIMEOUT_ENV = "GPTJAX_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 120
-VERSION_ENV = "GPTJAX_TEST_VERSION"
 _HELLO = b"gptjax-rendezvous"
 _WIDTH = 256  # bytes per exchanged value; longer values are exchanged as their sha256
 
@@ -51,21 +49,21 @@ def timeout_s() -> int:
     if not text:
         return DEFAULT_TIMEOUT_S
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{TIMEOUT_ENV}={text!r} must be a whole number of seconds >= 1")
+        raise GptjaxError(f"{TIMEOUT_ENV}={text!r} must be a whole number of seconds >= 1")
     return int(text)
 
 
 def initialize(dist: DistConfig) -> None:
     """Joins the other processes through ``jax.distributed.initialize`` (no-op for one process).
 
-    Must run before anything touches a jax device. Raises ``ValueError`` for a bad ``dist``
+    Must run before anything touches a jax device. Raises ``GptjaxError`` for a bad ``dist``
     config, an unreachable coordinator or processes that never arrive.
     """
     n, pid, address = dist.num_processes, dist.process_id, dist.coordinator_address
     if n == 1:
         return
     if n < 0 or (n > 1 and not 0 <= pid < n):
-        raise ValueError(
+        raise GptjaxError(
             f"dist.num_processes={n}, dist.process_id={pid}: need num_processes >= 0 "
             f"(0 = auto-detect) and 0 <= process_id < num_processes"
         )
@@ -92,7 +90,7 @@ def initialize(dist: DistConfig) -> None:
             initialization_timeout=timeout,
         )
     except ValueError as e:  # JAX found no cluster to take the missing values from
-        raise ValueError(
+        raise GptjaxError(
             f"jax.distributed could not start ({e}) with dist.num_processes={n} and "
             f"dist.coordinator_address={dist.coordinator_address!r}: auto-detection works on "
             f"Cloud TPU, SLURM and Open MPI only; elsewhere pass --dist.num_processes, "
@@ -104,7 +102,7 @@ def _split_address(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6::addr]:port"`` → ``(host, port)``."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
+        raise GptjaxError(
             f"dist.coordinator_address={address!r} must be HOST:PORT, e.g. 10.0.0.2:8476 "
             f"(the address of process 0's host and a free port there)"
         )
@@ -120,7 +118,7 @@ def _wait_for_peers(port: int, n: int, address: str, timeout: int) -> None:
         else:
             server = socket.create_server(("", port))
     except OSError as e:
-        raise ValueError(
+        raise GptjaxError(
             f"process 0 cannot listen on port {port} of dist.coordinator_address={address!r} "
             f"({e.strerror}); pick a free port and give the same address to every process"
         ) from None
@@ -141,7 +139,7 @@ def _wait_for_peers(port: int, n: int, address: str, timeout: int) -> None:
                     peers[peer] = conn
         if len(peers) < n - 1:
             missing = sorted(set(range(1, n)) - set(peers))
-            raise ValueError(
+            raise GptjaxError(
                 f"process 0 waited {timeout}s at dist.coordinator_address={address!r} but "
                 f"processes {missing} of {n} never arrived; start the same command on every "
                 f"host with its own --dist.process_id (or raise {TIMEOUT_ENV})"
@@ -184,7 +182,7 @@ def _reach_coordinator(host: str, port: int, pid: int, address: str, timeout: in
         except OSError as e:
             error = e.strerror or type(e).__name__
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    raise ValueError(
+    raise GptjaxError(
         f"process {pid} could not join the coordinator at dist.coordinator_address="
         f"{address!r} within {timeout}s (last error: {error}); start process 0 "
         f"(--dist.process_id=0) on that host with the same address, check the host, port and "
@@ -199,7 +197,6 @@ def versions() -> str:
     """The package versions that must match on every process, as one line."""
     names = ("gptjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
     found = {name: _version(name) for name in names}
-    found["gptjax"] = os.environ.get(VERSION_ENV) or found["gptjax"]
     return ", ".join(f"{name} {v}" for name, v in found.items())
 
 
@@ -217,11 +214,12 @@ def config_fingerprint(config: Config) -> str:
 
 
 def check_processes_agree(config: Config) -> None:
-    """Raises the same ``ValueError`` on every process if any two disagree on package versions
+    """Raises the same ``GptjaxError`` on every process if any two disagree on package versions
     or on the config (all but ``dist``); the message names each differing config key. A no-op
     for one process.
 
-    Uses cross-process all-gathers, so every process must call it (``loop.preflight`` does).
+    Uses cross-process all-gathers, so every process must call it (the training loop's
+    ``preflight`` does).
     """
     import jax
 
@@ -229,29 +227,43 @@ def check_processes_agree(config: Config) -> None:
         return
     try:
         every = allgather_strings([versions(), config_fingerprint(config)])  # [P][2]
-        if len({v for v, _ in every}) > 1:
-            raise _disagreement([("package versions", [v for v, _ in every])])
+        check_same_versions([v for v, _ in every])
         if len({c for _, c in every}) > 1:  # same versions, so the same config keys everywhere
             flat = _flat(config)
             fields = allgather_strings(list(flat.values()))  # [P][keys]
-            columns = [(f"config {k}", [vs[i] for vs in fields]) for i, k in enumerate(flat)]
-            differing = [(k, seen) for k, seen in columns if len(set(seen)) > 1]
-            raise _disagreement(differing or [("config", [c for _, c in every])])
+            check_same_config(list(flat), fields)
+            raise _disagreement([("config", [c for _, c in every])])
     except jax.errors.JaxRuntimeError as e:  # e.g. gloo's 30 s rendezvous timeout on CPU
-        raise ValueError(
+        raise GptjaxError(
             f"process {jax.process_index()} waited in vain for the other processes at the "
             f"preflight check ({str(e).splitlines()[0][:200]}); one of them probably stopped "
             f"earlier: see its log"
         ) from None
 
 
-def _disagreement(items: list[tuple[str, list[str]]]) -> ValueError:
+def check_same_versions(seen: list[str]) -> None:
+    """Raises naming every process's versions unless ``seen`` (``versions()`` of process 0,
+    1, ...) are all equal."""
+    if len(set(seen)) > 1:
+        raise _disagreement([("package versions", seen)])
+
+
+def check_same_config(keys: list[str], seen: list[list[str]]) -> None:
+    """Raises naming each differing key unless ``seen[p][i]`` (process p's value of
+    ``keys[i]``) agree for every key."""
+    columns = [(f"config {k}", [values[i] for values in seen]) for i, k in enumerate(keys)]
+    differing = [(k, values) for k, values in columns if len(set(values)) > 1]
+    if differing:
+        raise _disagreement(differing)
+
+
+def _disagreement(items: list[tuple[str, list[str]]]) -> GptjaxError:
     """One line for ``[(what, [value of process 0, value of process 1, ...]), ...]``."""
     parts = [
         f"{what} ({'; '.join(f'process {p}: {v}' for p, v in enumerate(seen))})"
         for what, seen in items
     ]
-    return ValueError(
+    return GptjaxError(
         f"the {len(items[0][1])} processes disagree on {' and on '.join(parts)}; install the "
         f"same gptjax (same commit) and libraries on every host and launch the same command "
         f"there"
@@ -269,7 +281,7 @@ def _flat(config: Config) -> dict[str, str]:
 
 
 def check_shared_workdir(workdir: str | Path, *, wait_s: float = 10.0) -> None:
-    """Raises the same ``ValueError`` on every process unless all of them see ``workdir`` as one
+    """Raises the same ``GptjaxError`` on every process unless all of them see ``workdir`` as one
     folder: each process writes its own shards of every Orbax checkpoint there, and without a
     shared folder the checkpoint is never finalised (the save waits forever). A no-op for one
     process. Process 0 writes a marker file; the others look for it for up to ``wait_s``
@@ -292,7 +304,7 @@ def check_shared_workdir(workdir: str | Path, *, wait_s: float = 10.0) -> None:
         marker.unlink()
     if not all(seen_by):
         blind = [p for p, ok in enumerate(seen_by) if not ok]
-        raise ValueError(
+        raise GptjaxError(
             f"--workdir {workdir} is not shared: processes {blind} do not see the file process "
             f"0 wrote there; with several hosts the workdir must be one folder that every "
             f"process sees at the same path (NFS, Filestore, a gcsfuse mount of a bucket)"

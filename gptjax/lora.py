@@ -4,14 +4,14 @@ With ``model.lora_rank = r > 0`` every attention and MLP matrix ``W [IN, OUT]`` 
 (query, key, value, out, up, gate, down — not the embeddings or the output head) gains two
 parameters, ``lora_a [*IN, r]`` and ``lora_b [r, *OUT]``, and computes
 ``x @ W + (alpha / r) * (x @ A) @ B`` (``gptjax/model.py``, ``Linear``). B starts at zero, so
-the adapted model starts as the pretrained one. ``gptjax finetune --finetune.lora_rank=r``
-sets ``model.lora_rank`` from ``finetune.lora_rank`` (and alpha likewise).
+the adapted model starts as the pretrained one. ``gptjax finetune --model.lora_rank=r`` is
+how a user asks for them.
 
 Only the adapters train. The frozen weights get no gradient (``freeze``: a ``stop_gradient``,
 so XLA does not even compute their weight gradients) and no optimizer state (``trainable``
-labels them for ``optax.multi_transform`` in ``gptjax/train.py``). ``merge`` folds the adapters
-into the base weights — ``W + (alpha / r) A @ B`` — which ``gptjax export`` does, so an export
-is a plain model again.
+labels them for ``optax.multi_transform`` in ``gptjax/training/steps.py``). ``merge`` folds
+the adapters into the base weights — ``W + (alpha / r) A @ B`` — which ``gptjax export`` does,
+so an export is a plain model again.
 
 Trees here are the nested parameter dicts of ``GPT``, boxed (logical names) or plain.
 """
@@ -99,11 +99,7 @@ def merge(params: dict, model: ModelConfig) -> dict:
 
 def without_lora(config: Config) -> Config:
     """``config`` for a merged (adapter-free) model."""
-    return dataclasses.replace(
-        config,
-        model=dataclasses.replace(config.model, lora_rank=0),
-        finetune=dataclasses.replace(config.finetune, lora_rank=0),
-    )
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, lora_rank=0))
 
 
 def count_trainable(params) -> int:

@@ -1,14 +1,31 @@
-"""Metrics: one JSON object per event in ``WORKDIR/metrics.jsonl``, TensorBoard events under
-``WORKDIR/tb/``, and the FLOP count behind model-FLOPs utilisation."""
+"""Metrics and log lines: one JSON object per event in ``WORKDIR/metrics.jsonl``, TensorBoard
+events under ``WORKDIR/tb/``, the FLOP count behind model-FLOPs utilisation, and the ``Log``
+callable that every long-running function takes for its one-line progress messages.
+
+``metrics.jsonl`` is a true history: a run resumed from the checkpoint of step s first drops the
+records after s that the interrupted run wrote (``MetricsWriter(resume_step=s)``), so every step
+appears once; TensorBoard is told the same with a purge event.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from gptjax.config import ModelConfig
+
+Log = Callable[[str], None]  # receives one human-readable line
+
+
+def lead_only(log: Log) -> Log:
+    """``log`` on process 0, a no-op on the others: one copy of every line in a multi-host run."""
+    return log if jax.process_index() == 0 else (lambda _: None)
 
 
 class MetricsWriter:
@@ -16,9 +33,13 @@ class MetricsWriter:
 
     Only the process that should write (process 0) passes ``enabled=True``; the others get a
     writer that does nothing, so call sites need no ``if process_index == 0``.
+
+    ``resume_step``: the step the run continues from. Records of later steps (written by a run
+    that was killed after its last checkpoint) are dropped first, and TensorBoard purges them
+    too; at step 0 nothing is kept (everything is done again).
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True):
+    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -27,8 +48,12 @@ class MetricsWriter:
 
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self._tb = SummaryWriter(str(workdir / "tb"))
+            path = workdir / "metrics.jsonl"
+            # purge_step: TensorBoard hides the earlier run's events at or after that step.
+            purge = (resume_step + 1 if resume_step else 0) if path.is_file() else None
+            truncate_after(path, resume_step)
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=purge)
 
     def write(self, step: int, **values: Any) -> None:
         if not self.enabled:
@@ -58,6 +83,19 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keeps the records of steps ``<= step`` of a metrics file (none for step 0), atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and step > 0 and json.loads(ln)["step"] <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:

@@ -24,8 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gptjax.config import MeshConfig
+from gptjax.errors import GptjaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+PMAP_AXIS = "devices"  # the axis name of train.parallelism="pmap" (one device per replica)
 BATCH_AXES = ("data", "fsdp")
 
 # Priority-ordered: flax assigns each mesh axis at most once per array, so an activation
@@ -48,20 +50,20 @@ def mesh_shape(mesh: MeshConfig, num_devices: int) -> tuple[int, int, int]:
     free = [k for k, v in sizes.items() if v == -1]
     bad = [f"mesh.{k}={v}" for k, v in sizes.items() if v == 0 or v < -1]
     if bad or len(free) > 1:
-        raise ValueError(
+        raise GptjaxError(
             f"{', '.join(bad) or 'more than one mesh axis is -1'}: mesh axes must "
             f"be positive, with at most one -1 meaning 'the rest of the devices'"
         )
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(
+            raise GptjaxError(
                 f"mesh {_fmt(sizes)} cannot fill {num_devices} devices: "
                 f"{num_devices} is not a multiple of {fixed}"
             )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
+        raise GptjaxError(
             f"mesh {_fmt(sizes)} needs {math.prod(sizes.values())} devices but "
             f"{num_devices} are present; make data*fsdp*tensor={num_devices} "
             f"(or set one axis to -1)"

@@ -28,6 +28,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tqdm.auto import tqdm
 
+from gptjax.errors import GptjaxError
+
 CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids 4-7
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>", *CHAT_PIECES)  # ids 0-7
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -55,7 +57,7 @@ class Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(model_proto)
         except RuntimeError:
-            raise ValueError(
+            raise GptjaxError(
                 f"tokenizer {name} is not a SentencePiece model; point data.tokenizer "
                 'at a .model file written by Tokenizer.save, or set it to "" to train one'
             ) from None
@@ -88,9 +90,9 @@ class Tokenizer:
           progress: show a tqdm bar of the bytes read.
         """
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"data.tokenizer_type={model_type!r} must be one of {MODEL_TYPES}")
+            raise GptjaxError(f"data.tokenizer_type={model_type!r} must be one of {MODEL_TYPES}")
         if 0 < input_sentence_size <= 100:  # sentencepiece's own lower bound
-            raise ValueError(
+            raise GptjaxError(
                 f"input_sentence_size={input_sentence_size} must be 0 (all text) or over 100"
             )
         char = model_type == "char"
@@ -142,7 +144,7 @@ class Tokenizer:
         """Reads a ``.model`` file written by ``save`` (or by sentencepiece with our layout)."""
         path = Path(path)
         if not path.is_file():
-            raise ValueError(
+            raise GptjaxError(
                 f"tokenizer model {str(path)!r} does not exist; set data.tokenizer to an existing "
                 '.model file, or to "" to train one'
             )
@@ -212,16 +214,16 @@ class Tokenizer:
         Special ids (pad, unk, bos, eos and the chat markers) are dropped, so a generated or
         padded sequence decodes to its plain text; ``keep_special=True`` writes them as their
         pieces ("<|user|>", "</s>", ...) instead, to inspect chat templates. Ids outside
-        [0, vocab_size), e.g. from the model's padded vocabulary rows, raise ValueError.
+        [0, vocab_size), e.g. from the model's padded vocabulary rows, raise ``GptjaxError``.
         """
         arr = np.asarray(ids)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(
+            raise GptjaxError(
                 f"decode takes one sequence of int ids [N], got {arr.dtype}{arr.shape}"
             )
         bad = arr[(arr < 0) | (arr >= self.vocab_size)]
         if bad.size:
-            raise ValueError(
+            raise GptjaxError(
                 f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {self.vocab_size}); "
                 "mask the padded vocabulary rows out of the logits before sampling"
             )
@@ -237,7 +239,7 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         """The piece string of id ``i`` ("▁the", "<0x0A>", "<|user|>", ...)."""
         if not 0 <= int(i) < self.vocab_size:
-            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+            raise GptjaxError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return self._sp.id_to_piece(int(i))
 
 
@@ -281,19 +283,19 @@ def _chunk_texts(texts: Iterable[str], bar: tqdm) -> Iterator[str]:
 
 
 def _training_error(err: RuntimeError, vocab_size: int) -> Exception:
-    """Turns sentencepiece's CHECK failures into one-line ValueErrors saying what to change."""
+    """Turns sentencepiece's CHECK failures into one-line GptjaxErrors saying what to change."""
     msg = str(err)
     if "sentences_.empty()" in msg:
-        return ValueError(
+        return GptjaxError(
             "tokenizer training text is empty (no non-blank lines); check data.source"
         )
     if m := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", msg):
-        return ValueError(
+        return GptjaxError(
             f"data.tokenizer_vocab_size={vocab_size} is more pieces than this text can yield; "
             f"lower data.tokenizer_vocab_size to at most {m[1]}, or train on more text"
         )
     if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg):
-        return ValueError(
+        return GptjaxError(
             f"data.tokenizer_vocab_size={vocab_size} cannot hold the specials, 256 bytes and the "
             f"characters of this text; raise data.tokenizer_vocab_size to more than {m[1]}"
         )
@@ -306,18 +308,18 @@ def _check_layout(sp: spm.SentencePieceProcessor, proto: model_pb2.ModelProto, n
     have = tuple(sp.id_to_piece(i) for i in ids)
     # unk is SentencePiece's UNKNOWN type, the other seven are CONTROL: never matched in text.
     if have != SPECIAL_PIECES or not all(sp.is_control(i) or i == 1 for i in ids):
-        raise ValueError(
+        raise GptjaxError(
             f"tokenizer {name} does not have gptjax's special pieces at ids 0-7 (has {have}, "
             f"expects {SPECIAL_PIECES}); train a new one with Tokenizer.train"
         )
     if not all(sp.is_byte(sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256)):
-        raise ValueError(
+        raise GptjaxError(
             f"tokenizer {name} was trained without byte_fallback, so it cannot encode every "
             "string; train a new one with Tokenizer.train"
         )
     norm = proto.normalizer_spec
     if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
-        raise ValueError(
+        raise GptjaxError(
             f"tokenizer {name} normalises text (rule {norm.name!r}, add_dummy_prefix="
             f"{norm.add_dummy_prefix}, remove_extra_whitespaces={norm.remove_extra_whitespaces}), "
             "so decode(encode(s)) != s; train a new one with Tokenizer.train"

@@ -1,13 +1,21 @@
-"""The gptjax command line end to end: pretrain → generate, and every user error as one line."""
+"""The gptjax command line end to end: pretrain → generate, every user error as one line, an
+internal error with its traceback, and the README's commands and layout table kept true."""
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from gptjax.__main__ import main
+from gptjax.__main__ import REPORT, _parser, main
+from gptjax.config import Config, parse_override, replace
+from gptjax.inference.generator import load
 from gptjax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -41,20 +49,19 @@ def test_pretrain_writes_falling_loss_and_val_loss(workdir):
     assert all(r["tokens_per_sec"] > 0 for r in records[1:] if "tokens_per_sec" in r)
 
 
-def test_generate_starts_with_prompt(workdir):
-    result = _cli(
-        "generate",
-        "--workdir",
-        str(workdir),
-        "--prompt",
-        "ROMEO:",
-        "--max-new-tokens",
-        "30",
-        "--seed",
-        "1",
-    )
+def test_generate_prints_what_the_python_api_samples(workdir):
+    """The CLI's text is the model's: the Python API with the same seed and sampling settings
+    gives exactly it, and another seed gives another text."""
+    args = ["--max-new-tokens", "30", "--temperature", "0.8", "--top-k", "50"]
+    result = _cli("generate", "--workdir", str(workdir), "--prompt", "ROMEO:", *args, "--seed", "1")
     assert result.returncode == 0, result.stderr
+    gen = load(workdir)
+    sampling = dict(max_new_tokens=30, temperature=0.8, top_k=50)
+    assert result.stdout == gen("ROMEO:", seed=1, **sampling) + "\n"
     assert result.stdout.startswith("ROMEO:") and len(result.stdout) > len("ROMEO:\n")
+    assert gen("ROMEO:", seed=2, **sampling) != gen("ROMEO:", seed=1, **sampling)
+    ids = gen.tokenizer.encode(result.stdout[len("ROMEO:") : -1])
+    assert ids and max(ids) < gen.config.model.vocab_size  # text of the model's own vocabulary
 
 
 def test_console_script_is_the_same_cli():
@@ -133,3 +140,70 @@ def test_error_has_no_traceback_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("gptjax: error: model.num_heads=3")
+
+
+def test_internal_error_keeps_its_traceback(capsys, tmp_path, monkeypatch):
+    """A bug (here: an evaluation that divides by zero) is not dressed up as a user error."""
+    from gptjax.training import loop
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(loop, "evaluate", broken)
+    code = main(["pretrain", "--config", "tiny", "--workdir", str(tmp_path), "--train.steps=2"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback (most recent call last)" in err and "ZeroDivisionError" in err
+    assert err.strip().splitlines()[-1] == REPORT
+    assert "gptjax: error:" not in err
+
+
+def test_help_speaks_to_users():
+    result = _cli("--help")
+    assert result.returncode == 0
+    first = result.stdout.split("\n\n")[1]  # after the usage line
+    assert first.startswith("gptjax: pretrain GPT-style language models"), result.stdout
+    assert "gptjax quickstart" in result.stdout and "gptjax chat --workdir" in result.stdout
+    assert "``" not in result.stdout and "call the library" not in result.stdout
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_path_in_the_readme_layout_table_exists():
+    table = _readme().split("## Layout", 1)[1].split("```")[1]
+    paths = [ln.split()[0] for ln in table.splitlines() if ln.strip() and not ln[0].isspace()]
+    assert len(paths) > 20, paths
+    for path in paths:
+        matches = list(ROOT.glob(path)) if "*" in path else [ROOT / path]
+        assert matches and all(m.exists() for m in matches), f"README layout lists {path}"
+    listed = {p for p in paths if p.endswith(".py")}
+    for module in (ROOT / "gptjax").rglob("*.py"):  # and every module is listed
+        rel = str(module.relative_to(ROOT))
+        assert rel in listed or module.name == "__init__.py", f"{rel} missing from README layout"
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every `gptjax ...` command line of the README's shell blocks."""
+    blocks = re.findall(r"```bash\n(.*?)```", _readme(), flags=re.S)
+    lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    commands = []
+    for line in lines:
+        line = line.split(" #")[0].replace("$i", "0")  # the multi-process loop's variable
+        for part in re.split(r"&&|&|;|\|", line):
+            words = shlex.split(part.strip())
+            if "gptjax" in words and words.index("gptjax") + 1 < len(words):
+                commands.append(words[words.index("gptjax") + 1 :])
+    return commands
+
+
+def test_every_gptjax_command_in_the_readme_parses():
+    commands = _readme_commands()
+    assert len(commands) >= 15, commands
+    for argv in commands:
+        args, extra = _parser().parse_known_args(argv)
+        if args.command in ("pretrain", "finetune"):
+            replace(Config(), dict(parse_override(a) for a in extra))  # known keys, right types
+        else:
+            assert not extra, argv

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gptjax import chat, dialogues
-from gptjax.config import DataConfig
+from gptjax.config import Config, DataConfig, validate
+from gptjax.data import dialogues, sft
 from gptjax.tokenizer import Tokenizer
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -95,8 +95,8 @@ def test_skip_mode_counts_and_logs_bad_records(tmp_path):
     assert tok.decode(chats.validation[0][0], keep_special=True) == _template(
         _conversation(2)["messages"]
     )
-    with pytest.raises(ValueError, match=r"data.on_bad_record='ignore' must be one of"):
-        dialogues.load_dialogues(_config(tmp_path, f"jsonl:{folder}", on_bad_record="ignore"))
+    with pytest.raises(ValueError, match=r"data.on_bad_record='ignore' is not one of"):
+        validate(Config(data=_config(tmp_path, f"jsonl:{folder}", on_bad_record="ignore")))
 
 
 def test_jsonl_file_is_split_by_content_hash(tmp_path):
@@ -204,13 +204,17 @@ def corpus_tokenizer():
     return Tokenizer.train(texts, model_type="bpe", vocab_size=2000, progress=False)
 
 
-def test_chatterbot_english_fails_on_its_bad_record_then_skips_it(tmp_path, corpus_tokenizer):
+def test_chatterbot_english_skips_the_bad_record_it_ships(tmp_path, corpus_tokenizer):
+    """The package's own malformed record is skipped (and said) even under the default
+    on_bad_record="error", which is for the user's own data."""
+    lines = []
     config = _config(tmp_path, "chatterbot:english")
-    with pytest.raises(ValueError, match=r"english/trivia.yml:35: conversation 13 is a str, not"):
-        dialogues.load_dialogues(config, corpus_tokenizer, log=_quiet)
-    skip = _config(tmp_path, "chatterbot:english", on_bad_record="skip")
-    chats = dialogues.load_dialogues(skip, corpus_tokenizer, log=_quiet)
+    assert config.on_bad_record == "error"
+    chats = dialogues.load_dialogues(config, corpus_tokenizer, log=lines.append)
     assert chats.skipped == 1 and len(chats.train) + len(chats.validation) == 2025
+    said = "skipped 1 bad record that the package ships of chatterbot:english (first: "
+    assert lines[0].startswith(said), lines
+    assert "english/trivia.yml:35: conversation 13 is a str, not" in lines[0]
     assert 0.03 < len(chats.validation) / 2025 < 0.2
     assert chats.description.startswith("chatterbot:english: 21 files of chatterbot-corpus")
 
@@ -230,7 +234,7 @@ def test_chatterbot_chinese_tokenizes_losslessly(tmp_path, corpus_tokenizer):
             assert tok.decode(ids[mask]) == answers
     assert any(8 <= i < 8 + 256 for i in chats.train.tokens)  # some characters went to bytes
     batch = next(
-        chat.sft_batches(chats.train, max_len=64, global_batch_size=4, seed=0, pad_id=0, log=_quiet)
+        sft.sft_batches(chats.train, max_len=64, global_batch_size=4, seed=0, pad_id=0, log=_quiet)
     )
     assert batch["weights"].sum() > 0 and batch["segment_ids"].max() > 1
 
@@ -280,7 +284,7 @@ def test_tfds_dialogues_validate_split_and_render(tmp_path, chats_dir):
     assert chats.tokenizer.decode(chats.validation[1][0], keep_special=True) == (
         "<s><|user|>问题 7?<|end|><|assistant|>答案 7<|end|>"
     )
-    assert "train = train, validation = test" in chats.description
+    assert "train = train (6 examples), validation = test (2 examples)" in chats.description
     missing = dataclasses.replace(config, tfds_val_split="validation")
     with pytest.raises(ValueError, match=r"split 'validation' is not in tfds:gptjax_test_chats"):
         dialogues.load_dialogues(missing, log=_quiet)

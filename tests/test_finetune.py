@@ -12,13 +12,14 @@ import pytest
 from gptjax import lora
 from gptjax.checkpoint import export
 from gptjax.config import MODEL_PRESETS, TrainConfig, apply_overrides, load_experiment
-from gptjax.finetune import finetune
-from gptjax.generate import load
-from gptjax.loop import pretrain
+from gptjax.errors import GptjaxError
+from gptjax.inference.generator import load
+from gptjax.inference.session import ChatSession
 from gptjax.metrics import read_metrics
 from gptjax.model import init_params
-from gptjax.session import ChatSession
-from gptjax.train import make_optimizer
+from gptjax.training.finetune import finetune
+from gptjax.training.pretrain import pretrain
+from gptjax.training.steps import make_optimizer
 
 QUICK = ["--eval.sample_tokens=0", "--train.log_every_steps=5"]
 
@@ -101,8 +102,10 @@ def test_chinese_dialogues_train(tmp_path, pretrained):
     )
     final = finetune(config, tmp_path, pretrained)
     val = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r]
-    assert val[-1] < val[0]
-    assert final["train_loss"] < 10
+    # The model was pretrained on English plays only: Chinese text is byte-fallback pieces it
+    # has never predicted, so 20 steps must move the assistant loss by a wide margin.
+    assert val[-1] < val[0] - 1.0, val
+    assert final["train_loss"] < val[0] - 1.0, (final, val)
 
 
 def test_session_keeps_and_trims_history(chat_workdir):
@@ -132,26 +135,49 @@ def _chat_cli(workdir, *args, stdin=""):
     )
 
 
-def test_chat_once_answers(chat_workdir):
-    result = _chat_cli(chat_workdir[0], "--once", "What is 5 squared?", "--temperature", "0")
+def test_chat_once_answers_what_the_python_api_answers(chat_workdir):
+    args = ["--temperature", "0.8", "--seed", "3", "--max-new-tokens", "24"]
+    result = _chat_cli(chat_workdir[0], "--once", "What is 5 squared?", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = result.stdout.split("assistant> ", 1)[1]
-    assert answer.strip(), result.stdout
+    assert answer.endswith("\n") and answer.strip(), result.stdout
+    messages = [{"role": "user", "content": "What is 5 squared?"}]
+    expected = load(chat_workdir[0]).chat(messages, max_new_tokens=24, temperature=0.8, seed=3)
+    assert answer[:-1] == expected
 
 
 def test_piped_lines_hold_a_conversation(chat_workdir):
-    lines = "What is 2 squared?\n你好，最近如何?\n/reset\nWhat is 7 squared?\n/exit\nignored\n"
+    """A message too long for the 64-token window is refused with a notice; the conversation
+    goes on with its history."""
+    too_long = "What is 2 squared? " * 40
+    lines = (
+        f"What is 2 squared?\n{too_long}\n你好，最近如何?\n/reset\nWhat is 7 squared?\n"
+        "/exit\nignored\n"
+    )
     result = _chat_cli(chat_workdir[0], "--temperature", "0", "--max-new-tokens", "12", stdin=lines)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("assistant> ") == 3
     assert "(conversation reset)" in result.stdout
+    assert "(not sent: the message alone needs more than the" in result.stdout
+
+
+def test_a_message_too_long_for_the_window_keeps_the_history(chat_workdir):
+    session = ChatSession(load(chat_workdir[0]), max_new_tokens=8, temperature=0.0)
+    session.send("What is 3 squared?")
+    session.send("And 4?")
+    before = list(session.turns)
+    with pytest.raises(GptjaxError, match="the message alone needs more than"):
+        session.send("What is 2 squared? " * 40)
+    assert session.turns == before and session.dropped == 0
+    session.send("And 5?")
+    assert [m["role"] for m in session.turns] == ["user", "assistant"] * 3
 
 
 @pytest.fixture(scope="module")
 def lora_workdir(tmp_path_factory, pretrained, chat_data):
     run = tmp_path_factory.mktemp("lora") / "run"
     lines = []
-    config = _chat_config(chat_data, "--finetune.lora_rank=4", "--train.learning_rate=1e-2")
+    config = _chat_config(chat_data, "--model.lora_rank=4", "--train.learning_rate=1e-2")
     final = finetune(config, run, pretrained, log=lines.append)
     return run, final, lines
 
@@ -200,6 +226,6 @@ def test_lora_workdir_cannot_be_fine_tuned_again(lora_workdir, chat_data, tmp_pa
 
 
 def test_pretraining_refuses_lora(tmp_path):
-    config = apply_overrides(load_experiment("tiny"), ["--finetune.lora_rank=4"])
+    config = apply_overrides(load_experiment("tiny"), ["--model.lora_rank=4"])
     with pytest.raises(ValueError, match="LoRA adapters are for fine-tuning"):
         pretrain(config, tmp_path)

@@ -9,7 +9,7 @@ import pytest
 from gptjax import sharding
 from gptjax.config import Config, MeshConfig, ModelConfig, TrainConfig
 from gptjax.model import GPT
-from gptjax.train import compile_steps, memory_plan, plan_sharded
+from gptjax.training.steps import compile_steps, memory_plan, plan_sharded
 
 # 8 heads and an MLP of 256 so that tensor=8 divides them; vocab padded to 128.
 MODEL = ModelConfig(num_layers=2, num_heads=8, embed_dim=64, max_len=16, vocab_size=100)
@@ -129,20 +129,50 @@ def test_fsdp_memory_is_split_across_devices():
     assert replicated["argument_bytes"] - replicated["batch_bytes"] >= plan["total_state_bytes"]
 
 
-def test_dry_run_prints_per_device_memory(capsys):
-    from gptjax.__main__ import main
+def test_dry_run_reports_what_the_compiler_allocates(capsys):
+    """The CLI's --dry-run figures, checked against an independent lowering of the same step:
+    XLA's own memory analysis of the compiled program and the shard shapes of the state."""
+    import math
+    import re
 
-    code = main(
-        [
-            "pretrain",
-            "--config",
-            "tiny",
-            "--dry-run",
-            "--model.vocab_size=512",
-            "--mesh.data=1",
-            "--mesh.fsdp=8",
-        ]
-    )
+    import jax.numpy as jnp
+
+    from gptjax.__main__ import main
+    from gptjax.config import apply_overrides, load_experiment
+
+    overrides = [
+        "--model.preset=small",
+        "--model.vocab_size=4096",
+        "--mesh.data=1",
+        "--mesh.fsdp=8",
+    ]
+    code = main(["pretrain", "--config", "tiny", "--dry-run", *overrides])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "over 8 devices" in out and "optimizer state" in out and "temporaries" in out
+    assert "over 8 devices" in out
+    printed = {k: float(v) for k, v in re.findall(r"  ([a-z ]+?)\s+([\d.]+) MiB", out)}
+
+    config = apply_overrides(load_experiment("tiny"), overrides)
+    plan = plan_sharded(config, GPT(config.model))
+    b, t = config.train.batch_size, config.model.max_len
+    batch = {
+        k: jax.ShapeDtypeStruct((b, t), dtype, sharding=plan.batch_sharding)
+        for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
+    }
+    with plan.context():
+        mem = plan.train.lower(plan.abstract_state, batch).compile().memory_analysis()
+
+    def shard_mib(tree) -> float:
+        leaves = jax.tree.leaves(tree)
+        size = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+        return size / 2**20
+
+    expected = {
+        "parameters": shard_mib(plan.abstract_state.params),
+        "optimizer state": shard_mib(plan.abstract_state.opt_state),
+        "step arguments": mem.argument_size_in_bytes / 2**20,
+        "temporaries": mem.temp_size_in_bytes / 2**20,
+    }
+    for key, mib in expected.items():
+        assert printed[key] == pytest.approx(mib, abs=0.051), (key, out)
+    assert expected["parameters"] > 1 and expected["temporaries"] > 1  # not rounding noise

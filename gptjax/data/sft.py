@@ -1,135 +1,31 @@
-"""Dialogue schema, the one chat template, and packed SFT batches with an assistant-only loss.
+"""Supervised fine-tuning data: rendered conversations, packed into batches with an
+assistant-only loss.
 
-A conversation is a list of messages ``{"role": "system" | "user" | "assistant", "content":
-str}`` (the OpenAI / Hugging Face chat layout; other keys are ignored). ``validate_messages``
-says what is wrong with one, in words.
-
-The template (the same for training, evaluation and the chat CLI) uses the tokenizer's reserved
-control pieces, which plain text can never produce, so content that spells "<|user|>" stays
-text::
-
-    <s> <|system|> content <|end|> <|user|> content <|end|> <|assistant|> content <|end|> ...
-
-``render`` returns the ids and a loss mask that is 1 exactly on assistant content and the
-``<|end|>`` closing it: the model learns to answer and to stop, never to write the user's turns
-or the role markers. ``render_prompt`` renders the conversation so far plus ``<|assistant|>``,
-for the model to continue; generation stops at any of ``stop_ids``.
-
-Packing (``sft_batches``): each conversation of n tokens becomes n - 1 (input, target, weight)
-triples, weight of target t = mask of token t + 1. Conversations of more than ``max_len + 1``
-tokens are cut to ``max_len + 1`` (counted and logged, never dropped). grain's first-fit packer
-puts them into ``max_len`` rows, one bin per row of the global batch; ``segment_ids`` (1, 2, ...
-per conversation, 0 = padding) keep attention inside a conversation and ``positions`` restart
-at 0 for each. Shapes: B = rows of this process, T = ``max_len``.
+Conversations are rendered by ``gptjax/chat_template.py`` (ids and a loss mask that is 1 on
+assistant content and its end-of-turn token). Packing (``sft_batches``): each conversation of n
+tokens becomes n - 1 (input, target, weight) triples, weight of target t = mask of token t + 1.
+Conversations of more than ``max_len + 1`` tokens are cut to ``max_len + 1`` (counted and
+logged, never dropped). grain's first-fit packer puts them into ``max_len`` rows, one bin per
+row of the global batch; ``segment_ids`` (1, 2, ... per conversation, 0 = padding) keep attention
+inside a conversation and ``positions`` restart at 0 for each. Shapes: B = rows of this process,
+T = ``max_len``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import grain
 import numpy as np
 from grain.experimental import FirstFitPackIterDataset
 
-from gptjax import data as data_lib
+from gptjax import chat_template
+from gptjax.chat_template import Messages
+from gptjax.data import pipeline
+from gptjax.errors import GptjaxError
+from gptjax.metrics import Log
 from gptjax.tokenizer import Tokenizer
-
-ROLES = ("system", "user", "assistant")
-Messages = Sequence[dict[str, Any]]
-Log = Callable[[str], None]
-_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-_ENCODE_BATCH = 1024  # message contents per encode_batch call
-
-
-# ----------------------------------------------------------------------------- schema
-
-
-def validate_messages(messages: Any, *, need_assistant: bool = True) -> str | None:
-    """Why ``messages`` is not a valid conversation, or None if it is.
-
-    Valid: a non-empty list of dicts, each with a ``role`` in ``ROLES`` and a non-blank str
-    ``content``, and (if ``need_assistant``) at least one assistant message: a conversation
-    without one carries no loss.
-    """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return f"messages must be a non-empty list of messages, got {_kind(messages)}"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {i} is {_kind(message)}, not an object with role and content"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"message {i} has unknown role {role!r}; use one of {', '.join(ROLES)}"
-        if content is None:
-            return f"message {i} ({role}) has no content"
-        if not isinstance(content, str):
-            return f"message {i} ({role}) content is {_kind(content)}, not a string"
-        if not content.strip():
-            return f"message {i} ({role}) has empty content"
-    if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message (nothing to learn from)"
-    return None
-
-
-def _kind(value: Any) -> str:
-    return "empty" if isinstance(value, (list, tuple)) and not value else type(value).__name__
-
-
-def _checked(messages: Messages, *, need_assistant: bool) -> Messages:
-    if reason := validate_messages(messages, need_assistant=need_assistant):
-        raise ValueError(f"invalid conversation: {reason}")
-    return messages
-
-
-# ----------------------------------------------------------------------------- template
-
-
-def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """Ids that end an assistant turn in generation: ``<|end|>`` and, defensively, ``</s>``."""
-    return (tokenizer.end_of_turn_id, tokenizer.eos_id)
-
-
-def _role_id(tokenizer: Tokenizer, role: str) -> int:
-    return {
-        "system": tokenizer.system_id,
-        "user": tokenizer.user_id,
-        "assistant": tokenizer.assistant_id,
-    }[role]
-
-
-def _assemble(
-    messages: Messages, contents: Sequence[Sequence[int]], tokenizer: Tokenizer
-) -> tuple[np.ndarray, np.ndarray]:
-    """The template over already encoded contents; ``(ids [N] int32, mask [N] bool)``."""
-    ids, mask = [tokenizer.bos_id], [False]
-    for message, content in zip(messages, contents, strict=True):
-        learn = message["role"] == "assistant"
-        ids += [_role_id(tokenizer, message["role"]), *content, tokenizer.end_of_turn_id]
-        mask += [False] + [learn] * (len(content) + 1)
-    return np.asarray(ids, np.int32), np.asarray(mask, bool)
-
-
-def render(messages: Messages, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """A conversation → ``(ids [N] int32, mask [N] bool)``, mask 1 on assistant content + end.
-
-    Raises ValueError (``validate_messages``'s reason) for an invalid conversation.
-    """
-    messages = _checked(messages, need_assistant=True)
-    return _assemble(messages, tokenizer.encode_batch([m["content"] for m in messages]), tokenizer)
-
-
-def render_prompt(messages: Messages, tokenizer: Tokenizer) -> np.ndarray:
-    """The conversation so far + ``<|assistant|>``: ids [N] int32 for the model to continue.
-
-    ``messages`` need no assistant turn (a first user message is a prompt). The ids equal
-    ``render``'s up to the assistant turn that the model is about to write.
-    """
-    messages = _checked(messages, need_assistant=False)
-    contents = tokenizer.encode_batch([m["content"] for m in messages])
-    ids, _ = _assemble(messages, contents, tokenizer)
-    return np.append(ids, np.int32(tokenizer.assistant_id))
-
 
 # ----------------------------------------------------------------------------- rendered splits
 
@@ -167,18 +63,8 @@ class ChatSplit:
 
 
 def render_all(conversations: Sequence[Messages], tokenizer: Tokenizer) -> ChatSplit:
-    """``render`` on every conversation (validated), encoding contents in large batches."""
-    for messages in conversations:
-        _checked(messages, need_assistant=True)
-    flat = [m["content"] for messages in conversations for m in messages]
-    encoded = []
-    for start in range(0, len(flat), _ENCODE_BATCH):
-        encoded += tokenizer.encode_batch(flat[start : start + _ENCODE_BATCH])
-    rendered, k = [], 0
-    for messages in conversations:
-        rendered.append(_assemble(messages, encoded[k : k + len(messages)], tokenizer))
-        k += len(messages)
-    return ChatSplit.from_rendered(rendered)
+    """``chat_template.render`` on every conversation (validated), as one ``ChatSplit``."""
+    return ChatSplit.from_rendered(chat_template.render_batch(conversations, tokenizer))
 
 
 # ----------------------------------------------------------------------------- packing
@@ -233,7 +119,7 @@ def _pack(
 
 def _check_split(split: ChatSplit, name: str) -> None:
     if len(split) == 0:
-        raise ValueError(
+        raise GptjaxError(
             f"the {name} split has no conversations; check data.source and data.val_fraction"
         )
 
@@ -261,7 +147,7 @@ def sft_batches(
     Yields ``inputs``/``targets``/``positions``/``segment_ids`` int32 [B, T] and ``weights``
     float32 [B, T] (0 on padding and on every target that is not assistant content or end).
     """
-    rows = data_lib.process_rows(global_batch_size, process_index, process_count)
+    rows = pipeline.process_rows(global_batch_size, process_index, process_count)
     _check_split(split, "train")
     if cut := num_truncated(split, max_len):
         log(
@@ -273,7 +159,7 @@ def sft_batches(
         .shuffle(seed=seed % 2**32)
         .repeat()
         .map(_example(split, max_len))
-        .to_iter_dataset(_READ)
+        .to_iter_dataset(pipeline.READ_OPTIONS)
     )
     packed = _pack(
         examples, max_len=max_len, bins=global_batch_size, seed=seed, shuffle=True, pad_id=pad_id
@@ -301,11 +187,11 @@ def sft_eval_batches(
     call. A short split gives fewer batches; the last is filled up with all-padding rows
     (weight 0, segment 0) so that every batch has the shapes [B, T] of ``sft_batches``.
     """
-    rows = data_lib.process_rows(global_batch_size, process_index, process_count)
+    rows = pipeline.process_rows(global_batch_size, process_index, process_count)
     _check_split(split, "validation")
     examples = grain.MapDataset.range(len(split)).map(_example(split, max_len))
     packed = _pack(
-        examples.to_iter_dataset(_READ),
+        examples.to_iter_dataset(pipeline.READ_OPTIONS),
         max_len=max_len,
         bins=global_batch_size,
         seed=0,

@@ -1,10 +1,14 @@
 """Chat fine-tuning (SFT): a pretrained model, dialogue data, the assistant-only loss.
 
 ``finetune(config, workdir, init_from)`` takes the model shape, tokenizer and parameters of a
-pretraining workdir (or an export of one), builds a ``loop.Task`` from a dialogue source (packed
+pretraining workdir (or an export of one), builds a ``Task`` from a dialogue source (packed
 conversations whose loss mask covers only assistant content and its end-of-turn token) and runs
 the same loop as pretraining with a fresh optimizer. ``val_loss`` is the assistant-token loss on
 held-out conversations, measured before the first step (step 0) and at every evaluation.
+
+From the user's config it keeps everything but the model: the model section is the pretrained
+one, except ``model.dropout_rate`` and the LoRA settings (``model.lora_rank``,
+``model.lora_alpha``; ``gptjax/lora.py``).
 """
 
 from __future__ import annotations
@@ -15,40 +19,33 @@ from typing import Any
 
 import jax
 
-from gptjax import chat, checkpoint, dialogues, lora
+from gptjax import checkpoint, lora
 from gptjax.config import Config, validate
-from gptjax.generate import Generator
-from gptjax.loop import Log, Task, load_workdir_config, run
+from gptjax.data import dialogues, sft
+from gptjax.errors import GptjaxError
+from gptjax.inference.generator import Generator
+from gptjax.metrics import Log, lead_only
 from gptjax.tokenizer import Tokenizer
-
-
-def pretrained(init_from: str | Path) -> tuple[Config, Tokenizer]:
-    """The config and tokenizer of a pretraining workdir or export directory."""
-    path = Path(init_from)
-    config = load_workdir_config(path)
-    if not (path / "tokenizer.model").is_file():
-        raise ValueError(
-            f"{path} has no tokenizer.model; pass a gptjax workdir or export directory"
-        )
-    return config, Tokenizer.load(path / "tokenizer.model")
+from gptjax.training.loop import Task, data_args, run
+from gptjax.workdir import TOKENIZER_FILE, read_workdir
 
 
 def finetune_config(config: Config, base: Config, init_from: str | Path) -> Config:
-    """``config`` with the pretrained model's shape (dropout may differ), its tokenizer, and
-    LoRA adapters of ``finetune.lora_rank`` (``gptjax/lora.py``)."""
+    """``config`` with the pretrained model's shape (dropout and LoRA may differ) and its
+    tokenizer."""
     if base.model.lora_rank:
-        raise ValueError(
+        raise GptjaxError(
             f"{init_from} holds a model with LoRA adapters (rank {base.model.lora_rank}); "
             f"`gptjax export` it first (that merges them) and fine-tune from the export"
         )
     model = dataclasses.replace(
         base.model,
         dropout_rate=config.model.dropout_rate,
-        lora_rank=config.finetune.lora_rank,
-        lora_alpha=config.finetune.lora_alpha,
+        lora_rank=config.model.lora_rank,
+        lora_alpha=config.model.lora_alpha,
     )
     data = dataclasses.replace(
-        config.data, tokenizer=str(Path(init_from).absolute() / "tokenizer.model")
+        config.data, tokenizer=str(Path(init_from).absolute() / TOKENIZER_FILE)
     )
     return dataclasses.replace(config, model=model, data=data)
 
@@ -59,33 +56,17 @@ def finetune(
     """Fine-tunes the model of ``init_from`` on ``config.data.source`` dialogues in
     ``workdir`` (resuming from its own checkpoints if any) and returns the final metrics."""
     validate(config)
-    base, tokenizer = pretrained(init_from)
+    base, tokenizer = read_workdir(init_from)
     config = finetune_config(config, base, init_from)
-    say = log if jax.process_index() == 0 else (lambda _: None)
+    say = lead_only(log)
     chats = dialogues.load_dialogues(config.data, tokenizer, log=say)
-    common = dict(
-        max_len=config.model.max_len,
-        pad_id=tokenizer.pad_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    train_args, eval_args = data_args(config, tokenizer)
     task = Task(
         name="finetune",
         tokenizer=tokenizer,
         description=chats.description,
-        train_iterator=chat.sft_batches(
-            chats.train,
-            global_batch_size=config.train.batch_size,
-            seed=config.train.seed,
-            log=say,
-            **common,
-        ),
-        val_batches=chat.sft_eval_batches(
-            chats.validation,
-            global_batch_size=config.eval.batch_size or config.train.batch_size,
-            num_batches=config.eval.num_batches,
-            **common,
-        ),
+        train_iterator=sft.sft_batches(chats.train, log=say, **train_args),
+        val_batches=sft.sft_eval_batches(chats.validation, **eval_args),
         init_params=lambda fresh: pretrained_params(init_from, fresh),
         eval_at_start=True,
     )
@@ -101,7 +82,7 @@ def pretrained_params(init_from: str | Path, fresh: dict) -> dict:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base
     )
-    return lora.combine(checkpoint.restore_params(init_from, abstract), adapters)
+    return lora.combine(checkpoint.load_params(init_from, abstract), adapters)
 
 
 def sample_chat(config: Config, params, tokenizer: Tokenizer, seed: int) -> str:

@@ -2,7 +2,9 @@
 
 ``ChatSession`` holds the message history; before each reply it drops the oldest
 user/assistant turns (never the system prompt) until the rendered conversation plus room for
-the reply fits ``model.max_len``, and says how many it dropped.
+the reply fits ``model.max_len``, and says how many it dropped. A message that cannot fit
+even alone is a ``GptjaxError`` that leaves the history as it was, so an interactive session
+reports it and goes on.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gptjax.chat import render_prompt
-from gptjax.generate import Generator
+from gptjax.chat_template import render_prompt
+from gptjax.errors import GptjaxError
+from gptjax.inference.generator import Generator
 
 
 class ChatSession:
@@ -45,7 +48,7 @@ class ChatSession:
         self.dropped = 0
         while len(render_prompt(self.system + self.turns, tokenizer)) > budget:
             if len(self.turns) <= 1:
-                raise ValueError(
+                raise GptjaxError(
                     f"the message alone needs more than the {budget} tokens left for it in "
                     f"model.max_len={max_len}; shorten it or lower --max-new-tokens"
                 )
@@ -55,12 +58,14 @@ class ChatSession:
             self.dropped += cut
 
     def send(self, text: str, stream: Callable[[str], Any] | None = None) -> str:
-        """Adds the user's ``text``, returns (and streams) the assistant's reply."""
+        """Adds the user's ``text``, returns (and streams) the assistant's reply. A message that
+        does not fit the context window raises ``GptjaxError`` and changes nothing."""
+        before = list(self.turns)
         self.turns.append({"role": "user", "content": text})
         try:
             self._fit()
-        except ValueError:
-            self.turns.pop()
+        except GptjaxError:
+            self.turns, self.dropped = before, 0
             raise
         reply = self.generator.chat(
             self.system + self.turns,

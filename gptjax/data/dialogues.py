@@ -12,7 +12,7 @@
 * ``tfds:NAME[/CONFIG]`` — a prepared TFDS dataset in array_record format with a ``messages``
   feature: ``Sequence({"role": Text, "content": Text})``, or JSON text of the message list.
 
-Every record is checked with ``chat.validate_messages``. A bad one is reported as
+Every record is checked with ``validate_messages``. A bad one is reported as
 ``PATH:LINE: reason`` (chatterbot: the line where the conversation starts and its index in the
 file; tfds: ``tfds:NAME[split]:INDEX``). With ``data.on_bad_record="error"`` (the default) the
 first of them fails the run in one line that also counts the rest; with ``"skip"`` they are
@@ -22,7 +22,7 @@ is a YAML scalar that swallowed its answer.
 Without explicit splits a conversation is held out for validation when the first 64 bits of the
 sha256 of its canonical JSON fall below ``data.val_fraction``: stable under reordering and
 additions, and identical conversations always land on the same side. Local sources are
-materialised once (``sources.materialise``: one canonical JSON text per conversation, in a TFDS
+materialised once (``text.materialise``: one canonical JSON text per conversation, in a TFDS
 array_record dataset keyed by its content hash) and read back from there, as pretraining text is.
 """
 
@@ -34,44 +34,45 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grain
 import yaml
 
-from gptjax import chat, sources
-from gptjax import data as data_lib
+from gptjax.chat_template import Messages, validate_messages
 from gptjax.config import DataConfig
+from gptjax.data import pipeline, sft, tfds_catalog
+from gptjax.data import text as text_sources
+from gptjax.errors import GptjaxError
+from gptjax.metrics import Log
 from gptjax.tokenizer import Tokenizer
 
-Log = Callable[[str], None]
 # (where, messages, reason): reason is None exactly when messages is a valid conversation.
 Record = tuple[str, Any, str | None]
 MESSAGES_FIELD = "messages"
-ON_BAD_RECORD = ("error", "skip")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dialogues:
-    """A dialogue source, rendered with the chat template (see ``gptjax/chat.py``)."""
+    """A dialogue source, rendered with the chat template (see ``gptjax/chat_template.py``)."""
 
     tokenizer: Tokenizer
-    train: chat.ChatSplit
-    validation: chat.ChatSplit
+    train: sft.ChatSplit
+    validation: sft.ChatSplit
     description: str  # one line: source, split rule, counts, tokens, skipped records
     skipped: int  # bad records left out (data.on_bad_record="skip")
 
 
-def canonical_json(messages: chat.Messages) -> str:
+def canonical_json(messages: Messages) -> str:
     """The stored form of a valid conversation: role and content only, compact UTF-8 JSON."""
     kept = [{"role": m["role"], "content": m["content"]} for m in messages]
     return json.dumps(kept, ensure_ascii=False, separators=(",", ":"))
 
 
-def held_out(messages: chat.Messages, val_fraction: float) -> bool:
+def held_out(messages: Messages, val_fraction: float) -> bool:
     """Whether the hash split puts this conversation in validation (see module docstring)."""
     digest = hashlib.sha256(canonical_json(messages).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
@@ -84,14 +85,14 @@ def chatterbot_files(lang: str) -> list[Path]:
     """The YAML files of one chatterbot-corpus language (or of ``all``), sorted by path."""
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise GptjaxError(
             f"data.source='chatterbot:{lang}' needs the chatterbot-corpus package; "
             "pip install chatterbot-corpus, or use --data.source=jsonl:PATH"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "data"
     langs = sorted(p.name for p in root.iterdir() if p.is_dir())
     if lang != "all" and lang not in langs:
-        raise ValueError(
+        raise GptjaxError(
             f"data.source='chatterbot:{lang}' is not a chatterbot-corpus language; use "
             f"'all' or one of {', '.join(langs)}"
         )
@@ -123,7 +124,7 @@ def read_chatterbot(path: Path) -> Iterator[Record]:
             continue
         roles = ("user", "assistant")
         messages = [{"role": roles[j % 2], "content": t} for j, t in enumerate(turns)]
-        reason = chat.validate_messages(messages)
+        reason = validate_messages(messages)
         yield where, messages, reason and f"conversation {i}: {reason}"
 
 
@@ -147,7 +148,7 @@ def read_jsonl(path: Path) -> Iterator[Record]:
             if not isinstance(obj, dict) or MESSAGES_FIELD not in obj:
                 yield where, None, 'not a JSON object with a "messages" list'
                 continue
-            yield where, obj[MESSAGES_FIELD], chat.validate_messages(obj[MESSAGES_FIELD])
+            yield where, obj[MESSAGES_FIELD], validate_messages(obj[MESSAGES_FIELD])
 
 
 def _text(value: Any) -> Any:
@@ -171,23 +172,11 @@ def messages_of(value: Any) -> tuple[Any, str | None]:
         value = [{"role": r, "content": c} for r, c in turns]
     if isinstance(value, (list, tuple)):
         value = [{k: _text(v) for k, v in m.items()} if isinstance(m, dict) else m for m in value]
-    return value, chat.validate_messages(value)
+    return value, validate_messages(value)
 
 
-def read_tfds_split(name: str, data: DataConfig, split: str) -> Iterator[Record]:
+def read_tfds_split(builder, name: str, split: str) -> Iterator[Record]:
     """One record per example of a prepared TFDS split, located as ``tfds:NAME[split]:i``."""
-    builder = sources._tfds_builder(name, data)
-    features = builder.info.features
-    if MESSAGES_FIELD not in features:
-        raise ValueError(
-            f"data.source='tfds:{name}' has no {MESSAGES_FIELD!r} feature (it has "
-            f"{sorted(features.keys())}); chat fine-tuning reads a list of role/content messages"
-        )
-    if split not in builder.info.splits:
-        raise ValueError(
-            f"split {split!r} is not in tfds:{name}; set data.tfds_train_split / "
-            f"data.tfds_val_split to one of {sorted(builder.info.splits)}"
-        )
     examples = builder.as_data_source(split)
     for i in range(len(examples)):
         messages, reason = messages_of(examples[i][MESSAGES_FIELD])
@@ -197,7 +186,7 @@ def read_tfds_split(name: str, data: DataConfig, split: str) -> Iterator[Record]
 # ----------------------------------------------------------------------------- bad records
 
 
-def _sort(records: Iterable[Record], bad: list[str]) -> list[chat.Messages]:
+def keep_valid(records: Iterable[Record], bad: list[str]) -> list[Messages]:
     """The valid conversations of ``records``, canonical; ``where: reason`` of the rest → bad."""
     valid = []
     for where, messages, reason in records:
@@ -208,20 +197,20 @@ def _sort(records: Iterable[Record], bad: list[str]) -> list[chat.Messages]:
     return valid
 
 
-def _settle(bad: list[str], data: DataConfig, log: Log) -> int:
-    """Fails on the first bad record (``on_bad_record="error"``) or logs them; their count."""
-    mode = getattr(data, "on_bad_record", "error")
-    if mode not in ON_BAD_RECORD:
-        raise ValueError(f"data.on_bad_record={mode!r} must be one of {ON_BAD_RECORD}")
-    if bad and mode == "error":
-        count = "1 bad record" if len(bad) == 1 else f"{len(bad):,} bad records"
+def _settle(bad: list[str], data: DataConfig, log: Log, *, shipped: bool) -> int:
+    """Fails on the first bad record of the user's data (``on_bad_record="error"``) or logs
+    them; a shipped corpus's own bad records are always skipped (nobody can fix them)."""
+    if not bad:
+        return 0
+    count = "1 bad record" if len(bad) == 1 else f"{len(bad):,} bad records"
+    if data.on_bad_record == "error" and not shipped:
         them = "it" if len(bad) == 1 else "them"
-        raise ValueError(
+        raise GptjaxError(
             f"{bad[0]} ({count} in data.source={data.source!r}; fix {them}, or set "
             "--data.on_bad_record=skip)"
         )
-    if bad:
-        log(f"skipped {len(bad):,} bad records of {data.source} (first: {bad[0]})")
+    shipped_by = " that the package ships" if shipped else ""
+    log(f"skipped {count}{shipped_by} of {data.source} (first: {bad[0]})")
     return len(bad)
 
 
@@ -229,8 +218,8 @@ def _settle(bad: list[str], data: DataConfig, log: Log) -> int:
 
 
 def _hash_split(
-    conversations: list[chat.Messages], val_fraction: float
-) -> tuple[list[chat.Messages], list[chat.Messages]]:
+    conversations: list[Messages], val_fraction: float
+) -> tuple[list[Messages], list[Messages]]:
     val = [held_out(c, val_fraction) for c in conversations]
     return (
         [c for c, v in zip(conversations, val, strict=True) if not v],
@@ -246,43 +235,48 @@ def local_records(data: DataConfig, bad: list[str]) -> tuple[list, list, str]:
         files = chatterbot_files(rest)
         version = importlib.metadata.version("chatterbot-corpus")
         records = itertools.chain.from_iterable(read_chatterbot(f) for f in files)
-        train, val = _hash_split(_sort(records, bad), data.val_fraction)
+        train, val = _hash_split(keep_valid(records, bad), data.val_fraction)
         what = f"{len(files)} files of chatterbot-corpus {version}"
         return train, val, f"{data.source}: {what}, {split_rule}"
     path = Path(rest).expanduser()
     if not rest or not path.exists():
-        raise ValueError(
+        raise GptjaxError(
             f"data.source={data.source!r}: no such file or folder; give a .jsonl file or a "
             "folder with train.jsonl and val.jsonl"
         )
     if path.is_file():
-        train, val = _hash_split(_sort(read_jsonl(path), bad), data.val_fraction)
+        train, val = _hash_split(keep_valid(read_jsonl(path), bad), data.val_fraction)
         return train, val, f"{data.source}: {split_rule}"
     named = [path / "train.jsonl", path / "val.jsonl"]
     if not all(p.is_file() for p in named):
-        raise ValueError(
+        raise GptjaxError(
             f"data.source={data.source!r} is a folder without train.jsonl and val.jsonl; add "
             "both, or point jsonl: at one .jsonl file to split it by hash"
         )
-    train, val = (_sort(read_jsonl(p), bad) for p in named)
+    train, val = (keep_valid(read_jsonl(p), bad) for p in named)
     return train, val, f"{data.source}: train.jsonl, validation = val.jsonl"
 
 
 def _materialised(train: list, val: list, description: str, root: Path, log: Log):
     """Writes the conversations as TFDS array_record (once per content) and reads them back."""
-    text = sources.LocalText(
+    text = text_sources.LocalText(
         tuple(map(canonical_json, train)), tuple(map(canonical_json, val)), description
     )
-    source = sources.open_local(text, root / "datasets", log)
+    source = text_sources.open_local(text, root / "datasets", log)
     read = [[json.loads(doc) for doc in split] for split in (source.train, source.validation)]
     return read[0], read[1], f"chat-{text.content_hash}"
 
 
-def _tfds_key(name: str, data: DataConfig, counts: tuple[int, int]) -> str:
-    builder = sources._tfds_builder(name, data)
-    ident = (builder.name, builder.builder_config_name, str(builder.version))
-    parts = (*ident, str(builder.data_dir), data.tfds_train_split, data.tfds_val_split, counts)
-    return "chat-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+def tfds_records(name: str, data: DataConfig, bad: list[str]) -> tuple[list, list, str, str]:
+    """``tfds:NAME`` → (train, validation, description, cache key)."""
+    fix = "chat fine-tuning reads a list of role/content messages from that feature"
+    builder, splits = tfds_catalog.open_dataset(name, data, feature=MESSAGES_FIELD, fix=fix)
+    train, val = (
+        keep_valid(read_tfds_split(builder, name, split), bad)
+        for split in (data.tfds_train_split, data.tfds_val_split)
+    )
+    key = "chat-" + tfds_catalog.dataset_key(builder, splits, MESSAGES_FIELD)
+    return train, val, tfds_catalog.describe(f"tfds:{name}", builder, data, splits), key
 
 
 def load_dialogues(
@@ -296,47 +290,39 @@ def load_dialogues(
         or one trained on the train conversations' text (cached like pretraining's).
       log: receives one human-readable line per step.
     """
-    root = data_lib.cache_root(data)
+    root = pipeline.cache_root(data)
     scheme, _, name = data.source.partition(":")
     bad: list[str] = []
     if scheme in ("chatterbot", "jsonl"):
         train, val, description = local_records(data, bad)
     elif scheme == "tfds" and name:
-        train, val = (
-            _sort(read_tfds_split(name, data, s), bad)
-            for s in (data.tfds_train_split, data.tfds_val_split)
-        )
-        description = (
-            f"{data.source}: train = {data.tfds_train_split}, validation = {data.tfds_val_split}"
-        )
+        train, val, description, key = tfds_records(name, data, bad)
     else:
-        raise ValueError(
+        raise GptjaxError(
             f"data.source={data.source!r} is not a dialogue source; use 'chatterbot:LANG', "
             "'jsonl:PATH' or 'tfds:NAME[/CONFIG]'"
         )
-    skipped = _settle(bad, data, log)
+    skipped = _settle(bad, data, log, shipped=scheme == "chatterbot")
     for split, convs in (("train", train), ("validation", val)):
         if not convs:
-            raise ValueError(
+            raise GptjaxError(
                 f"data.source={data.source!r} gives no {split} conversations ({len(train)} "
                 f"train, {len(val)} validation); change data.val_fraction or add conversations"
             )
-    if scheme == "tfds":
-        key = _tfds_key(name, data, (len(train), len(val)))
-    else:
+    if scheme != "tfds":
         train, val, key = _materialised(train, val, description, root, log)
     if tokenizer is None:
         texts = ["\n".join(m["content"] for m in c) for c in train]
-        text_source = sources.Source(
+        text_source = text_sources.Source(
             grain.MapDataset.source(texts), grain.MapDataset.source([]), key, description
         )
-        tokenizer = data_lib.tokenizer_for(data, text_source, root, log)
-    rendered = chat.render_all(train, tokenizer), chat.render_all(val, tokenizer)
+        tokenizer = pipeline.tokenizer_for(data, text_source, root, log)
+    rendered = sft.render_all(train, tokenizer), sft.render_all(val, tokenizer)
     description += (
         f"; {len(train):,} train / {len(val):,} validation conversations, "
         f"{rendered[0].tokens.size:,} / {rendered[1].tokens.size:,} tokens "
         f"(vocab {tokenizer.vocab_size:,})"
     )
     if skipped:
-        description += f"; {skipped:,} bad records skipped"
+        description += f"; {skipped:,} bad record{'s' * (skipped != 1)} skipped"
     return Dialogues(tokenizer, *rendered, description, skipped)

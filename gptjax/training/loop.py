@@ -1,5 +1,7 @@
-"""The pretraining loop, as phases: prepare data → check the layout → initialise or resume →
-train (log, evaluate, sample, checkpoint) → finish.
+"""The training loop shared by pretraining and fine-tuning: check the layout → initialise or
+resume → train (log, evaluate, sample, checkpoint) → finish. What differs between the two is a
+``Task`` (data, tokenizer, samples, starting parameters): ``gptjax/training/pretrain.py`` and
+``gptjax/training/finetune.py`` build one each.
 
 Only process 0 writes logs, metrics, samples and the workdir files; every process runs the same
 steps on its own shard of each global batch.
@@ -11,15 +13,14 @@ Fault tolerance (see ``gptjax/checkpoint.py`` for what a checkpoint holds):
 * SIGTERM/SIGINT (preemption, SLURM time limits, Ctrl-C): the current step finishes, a
   checkpoint of it is saved and finalised, and ``run`` returns normally. A second Ctrl-C stops
   at once (``KeyboardInterrupt``).
-* Non-finite loss or gradient norm: ``FloatingPointError`` naming the step. Metrics are read
-  back at every log step and before every save, and the state is checked before it is saved,
-  so no checkpoint ever holds a NaN.
+* Non-finite loss or gradient norm: ``TrainingDiverged`` (a ``GptjaxError``) naming the step.
+  Metrics are read back at every log step and before every save, and the state is checked
+  before it is saved, so no checkpoint ever holds a NaN.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
@@ -33,22 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, data, distributed, lora, sharding
+from gptjax import checkpoint, distributed, lora, sharding
 from gptjax.checkpoint import Checkpointer
-from gptjax.config import Config, validate
-from gptjax.generate import generate
-from gptjax.metrics import MetricsWriter, flops_per_token
+from gptjax.config import Config
+from gptjax.errors import GptjaxError, TrainingDiverged
+from gptjax.metrics import Log, MetricsWriter, flops_per_token, lead_only
 from gptjax.model import GPT, abstract_params, count_params
 from gptjax.tokenizer import Tokenizer
-from gptjax.train import Steps, compile_steps
-
-Log = Callable[[str], None]
+from gptjax.training.steps import Steps, compile_steps
+from gptjax.workdir import write_workdir
 
 
 def preflight(config: Config) -> tuple[int, int, int]:
     """Checks the config against the devices present; returns the mesh shape.
 
-    Each failure is one ``ValueError`` line naming the setting and the fix.
+    Each failure is one ``GptjaxError`` line naming the setting and the fix.
     """
     distributed.check_processes_agree(config)  # same versions and config on every process
     m, t = config.model, config.train
@@ -63,13 +63,13 @@ def preflight(config: Config) -> tuple[int, int, int]:
         what = (
             f"devices={num_devices}" if t.parallelism == "pmap" else f"mesh data*fsdp={data_ways}"
         )
-        raise ValueError(
+        raise GptjaxError(
             f"train.batch_size={t.batch_size} must be divisible by {what} × "
             f"train.grad_accum_steps={t.grad_accum_steps} = {per_step}; use a multiple of "
             f"{per_step}"
         )
     if t.batch_size % jax.process_count():
-        raise ValueError(
+        raise GptjaxError(
             f"train.batch_size={t.batch_size} must be divisible by the "
             f"{jax.process_count()} processes"
         )
@@ -79,30 +79,29 @@ def preflight(config: Config) -> tuple[int, int, int]:
         ("model.mlp_dim", m.hidden_dim),
     ]:
         if value % tensor:
-            raise ValueError(
+            raise GptjaxError(
                 f"{key}={value} must be divisible by mesh.tensor={tensor}; "
                 f"lower mesh.tensor or change {key}"
             )
     return shape
 
 
-def with_vocab(config: Config, tokenizer: Tokenizer) -> Config:
-    """Fills ``model.vocab_size`` from the tokenizer (or checks that it fits)."""
-    m = config.model
-    if m.vocab_size and m.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size}; set model.vocab_size=0 to take it from the "
-            f"tokenizer"
-        )
-    size = m.vocab_size or tokenizer.vocab_size
-    return dataclasses.replace(config, model=dataclasses.replace(m, vocab_size=size))
-
-
-def write_workdir(workdir: Path, config: Config, tokenizer: Tokenizer) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json() + "\n", encoding="utf-8")
-    tokenizer.save(workdir / "tokenizer.model")
+def data_args(config: Config, tokenizer: Tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments of a task's train and validation pipelines: window length, padding,
+    global batch sizes, seed, and which rows of each global batch are this process's."""
+    common = dict(
+        max_len=config.model.max_len,
+        pad_id=tokenizer.pad_id,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train = dict(common, global_batch_size=config.train.batch_size, seed=config.train.seed)
+    val = dict(
+        common,
+        global_batch_size=config.eval.batch_size or config.train.batch_size,
+        num_batches=config.eval.num_batches,
+    )
+    return train, val
 
 
 def evaluate(steps: Steps, state, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -134,80 +133,18 @@ class Task:
     eval_at_start: bool = False
 
 
-def sample_text(config: Config, model: GPT, params, tokenizer: Tokenizer, seed: int) -> str:
-    """Continues ``eval.sample_prompt`` with ``eval.sample_tokens`` sampled tokens."""
-    e = config.eval
-    prompt = tokenizer.encode(e.sample_prompt) or [tokenizer.bos_id]
-    tokens = generate(
-        params,
-        model,
-        prompt[-config.model.max_len :],
-        max_new_tokens=e.sample_tokens,
-        temperature=e.sample_temperature,
-        top_k=e.sample_top_k,
-        seed=seed,
-    )
-    return tokenizer.decode(tokens)
-
-
-def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[str, Any]:
-    """Pretrains ``config`` on its text source in ``workdir`` (resuming from the latest
-    checkpoint if any) and returns the final metrics."""
-    validate(config)
-    if config.model.lora_rank or config.finetune.lora_rank:
-        raise ValueError(
-            "LoRA adapters are for fine-tuning a pretrained model: pretrain without "
-            "model.lora_rank/finetune.lora_rank, then `gptjax finetune --finetune.lora_rank=R`"
-        )
-    say = _lead_only(log)
-    tokenizer = checkpoint.saved_tokenizer(workdir)  # a resumed run keeps its tokenizer
-    corpus = data.load_corpus(config.data, tokenizer=tokenizer, log=say)
-    config = with_vocab(config, corpus.tokenizer)
-    common = dict(
-        max_len=config.model.max_len,
-        pad_id=corpus.tokenizer.pad_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    task = Task(
-        name="pretrain",
-        tokenizer=corpus.tokenizer,
-        description=corpus.description,
-        train_iterator=data.train_batches(
-            corpus.train_tokens,
-            global_batch_size=config.train.batch_size,
-            seed=config.train.seed,
-            **common,
-        ),
-        val_batches=data.eval_batches(
-            corpus.val_tokens,
-            global_batch_size=config.eval.batch_size or config.train.batch_size,
-            num_batches=config.eval.num_batches,
-            **common,
-        ),
-    )
-    model = GPT(config.model)
-    if config.eval.sample_tokens:
-        task.sample = lambda params, seed: sample_text(config, model, params, task.tokenizer, seed)
-    return run(config, workdir, task, log=log)
-
-
-def _lead_only(log: Log) -> Log:
-    return log if jax.process_index() == 0 else (lambda _: None)
-
-
 def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) -> dict[str, Any]:
     """The loop shared by pretraining and fine-tuning: preflight → init or resume → train
     (log, evaluate, sample, checkpoint) → final checkpoint. Returns the final metrics; after a
     SIGTERM/SIGINT stop they include ``stopped_at_step`` and ``stopped_by``."""
-    workdir, say = Path(workdir), _lead_only(log)
+    workdir, say = Path(workdir), lead_only(log)
     shape = preflight(config)
     distributed.check_shared_workdir(workdir)  # several processes: one folder, or stop now
     say(task.description)
     ckpt = Checkpointer(workdir, config.checkpoint)
     try:
         checkpoint.check_resumable(ckpt, config, task.tokenizer)  # refuse before compiling
-    except ValueError:
+    except GptjaxError:
         ckpt.close()
         raise
     if jax.process_index() == 0:
@@ -228,25 +165,21 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
         )
     t0 = time.time()
     steps = compile_steps(config, model, init_params=task.init_params)
-    loop = _Loop(
-        config,
-        steps,
-        task,
-        MetricsWriter(workdir, enabled=jax.process_index() == 0),
-        ckpt,
-        say,
-        num_params,
-        t0,
-    )
+    loop = _Loop(config, steps, task, ckpt, say, num_params, t0)
     # Signals are caught until the last save is on disk: a SIGTERM then only ends the run early.
     with _StopSignals() as stop:
         try:
             state = loop.resume(steps.state)
+            # Opened at the step the run continues from: later records of a killed run go.
+            loop.writer = MetricsWriter(
+                workdir, enabled=jax.process_index() == 0, resume_step=_host_step(state)
+            )
             state, final = loop.train(state, stop)
         finally:
-            if hasattr(loop, "bar"):
+            if loop.bar is not None:
                 loop.bar.close()  # before the CLI prints an error line, not after it
-            loop.writer.close()
+            if loop.writer is not None:
+                loop.writer.close()
             ckpt.close()  # waits for the save in flight, even after an error
     return final
 
@@ -312,11 +245,12 @@ class _Loop:
     config: Config
     steps: Steps
     task: Task
-    writer: MetricsWriter
     ckpt: Checkpointer
     say: Log
     num_params: int
     t0: float
+    writer: MetricsWriter | None = None  # opened once the resumed step is known
+    bar: tqdm | None = None
     pending: list = dataclasses.field(default_factory=list)  # [(step, metrics)] not yet read
 
     @property
@@ -411,7 +345,7 @@ class _Loop:
             if latest is not None
             else "no checkpoint was saved"
         )
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"{what}; training stopped and nothing from that step on was saved ({kept}); lower "
             f"train.learning_rate or raise train.warmup_steps, then rerun to resume"
         )
@@ -474,13 +408,3 @@ class _Loop:
         """Prints above the progress bar (process 0 only)."""
         if not self.bar.disable:
             self.bar.write(text)
-
-
-def load_workdir_config(workdir: str | Path) -> Config:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise ValueError(
-            f"{workdir} has no config.json: it is not a gptjax workdir; train one "
-            f"with `gptjax pretrain --workdir {workdir}`"
-        )
-    return Config.from_dict(json.loads(path.read_text(encoding="utf-8")))

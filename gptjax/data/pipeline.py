@@ -1,6 +1,6 @@
 """Pretraining input pipeline: source → tokenizer → flat token arrays → grain batches.
 
-``load_corpus`` resolves ``data.source`` (see ``gptjax/sources.py``), trains or loads the
+``load_corpus`` resolves ``data.source`` (see ``gptjax/data/text.py``), trains or loads the
 tokenizer (trained on the train split only), and tokenizes each split once into one flat
 int32 array — documents joined by EOS — cached as ``.npy`` under ``<cache>/tokens/``.
 
@@ -22,23 +22,24 @@ import hashlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from gptjax import sources
 from gptjax.config import DataConfig
+from gptjax.data import text as text_sources
+from gptjax.errors import GptjaxError
+from gptjax.metrics import Log
 from gptjax.tokenizer import Tokenizer
-
-Log = Callable[[str], None]
 
 # Tokenizer training reads at most this many characters of the train split: SentencePiece
 # holds its input in memory, and more text barely changes a 2-50k vocabulary.
 TOKENIZER_MAX_CHARS = 200_000_000
 _ENCODE_BATCH = 64  # documents per encode_batch call
-_READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+# How every grain pipeline here reads ahead: two threads, eight elements buffered.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,7 +70,7 @@ def load_corpus(
       log: receives one human-readable line per step (what is built or reused, how long).
     """
     root = cache_root(data)
-    source = sources.open_source(data, root / "datasets", log)
+    source = text_sources.open_source(data, root / "datasets", log)
     if tokenizer is None:
         tokenizer = tokenizer_for(data, source, root, log)
     train = _cached_tokens(source.train, "train", source.key, tokenizer, root, log)
@@ -84,12 +85,12 @@ def load_corpus(
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def tokenizer_for(data: DataConfig, source: sources.Source, root: Path, log: Log) -> Tokenizer:
+def tokenizer_for(data: DataConfig, source: text_sources.Source, root: Path, log: Log) -> Tokenizer:
     """Loads ``data.tokenizer``, or trains one on the train split (cached by data+type+size)."""
     if data.tokenizer:
         path = Path(data.tokenizer).expanduser()
         if not path.is_file():
-            raise ValueError(
+            raise GptjaxError(
                 f"data.tokenizer={data.tokenizer!r} does not exist; give the path "
                 f"of a SentencePiece .model file, or '' to train one"
             )
@@ -136,7 +137,7 @@ def tokenize(texts: grain.MapDataset, tokenizer: Tokenizer) -> np.ndarray:
         ids = tokenizer.encode_batch(batch)
         return np.fromiter(itertools.chain.from_iterable(i + [eos] for i in ids), np.int32)
 
-    pieces = texts.batch(_ENCODE_BATCH, batch_fn=list).map(encode).to_iter_dataset(_READ)
+    pieces = texts.batch(_ENCODE_BATCH, batch_fn=list).map(encode).to_iter_dataset(READ_OPTIONS)
     return np.concatenate([np.zeros(0, np.int32), *pieces])
 
 
@@ -194,11 +195,11 @@ def read_windows(
 def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
     """This process's contiguous rows ``[p*b, (p+1)*b)`` of every global batch."""
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
+        raise GptjaxError(
             f"process_index={process_index} must be in [0, process_count={process_count})"
         )
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise GptjaxError(
             f"global batch size {global_batch_size} (train.batch_size or eval.batch_size) "
             f"must be a positive multiple of the process count {process_count}; use a "
             f"multiple of {process_count}"
@@ -227,7 +228,7 @@ def train_batches(
     rows = process_rows(global_batch_size, process_index, process_count)
     n = num_windows(len(corpus_tokens), max_len)
     if len(corpus_tokens) < max_len + 1:
-        raise ValueError(
+        raise GptjaxError(
             f"the train split has {len(corpus_tokens):,} tokens, fewer than one "
             f"window of model.max_len+1={max_len + 1}; use more text or a "
             f"smaller model.max_len"
@@ -243,7 +244,7 @@ def train_batches(
         .batch(global_batch_size)
         .map(read)
     )
-    return iter(ds.to_iter_dataset(_READ))
+    return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 
 def eval_batches(
@@ -264,7 +265,7 @@ def eval_batches(
     rows = process_rows(global_batch_size, process_index, process_count)
     n = num_windows(len(corpus_tokens), max_len)
     if n == 0:
-        raise ValueError(
+        raise GptjaxError(
             f"the validation split has {len(corpus_tokens)} tokens; it needs at "
             f"least 2 — give it more text"
         )

@@ -1,4 +1,4 @@
-"""Tests for gptjax/generate.py and the KV-cache path of gptjax/model.py."""
+"""Tests for gptjax/inference/ (sampling, decode, generator) and the KV-cache path of the model."""
 
 import dataclasses
 import functools
@@ -15,15 +15,9 @@ from flax import linen as nn
 
 from gptjax import model as M
 from gptjax.config import Config, ModelConfig
-from gptjax.generate import (
-    PROMPT_BUCKET,
-    Generator,
-    _decode,
-    _prefill,
-    generate,
-    generate_batch,
-    sample_logits,
-)
+from gptjax.inference.decode import PROMPT_BUCKET, _decode, _prefill, generate, generate_batch
+from gptjax.inference.generator import Generator
+from gptjax.inference.sampling import sample_logits
 from gptjax.tokenizer import Tokenizer
 
 # Small configs (vocab 100 padded to 128 rows). max_len 128: two prompt buckets (64, 128) and
@@ -358,5 +352,8 @@ def test_generate_benchmark_runs_and_writes_json(tmp_path):
     assert "decode tok/s" in result.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"]) for r in rows] == [("char", 1), ("char", 2)]
-    assert rows[0]["decode_tokens_per_s"] > 0 and rows[0]["speedup_vs_baseline"] > 1
-    assert rows[0]["hf_measured"] is False  # --no-hf: against the quoted number
+    for row in rows:  # figures, not verdicts: speed is the benchmark's business, not a test's
+        assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0, row
+        assert "hf_tokens_per_s" not in row and "speedup_vs_hf" not in row  # --no-hf
+    assert rows[0]["speedup_vs_baseline"] > 0
+    assert json.loads(out.read_text())["meta"]["hf"] == "not measured"

@@ -2,7 +2,7 @@
 
 Every step function here is pure: ``train_step(state, batch) -> (state, metrics)``. Where and how
 it is compiled (mesh shardings, donation, pmap) is decided once, in ``compile_steps``. The loop
-that drives it lives in ``gptjax/loop.py``.
+that drives it lives in ``gptjax/training/loop.py``.
 
 Batches are dicts of ``[B, T]`` arrays: ``inputs`` and ``targets`` (int32) and ``weights``
 (float32, 0 on padding and on tokens that carry no loss). Losses are token-weighted means, so a
@@ -29,9 +29,9 @@ from gptjax import lora as lora_lib
 from gptjax import sharding
 from gptjax.config import Config, TrainConfig
 from gptjax.model import GPT
+from gptjax.sharding import PMAP_AXIS
 
 Batch = dict[str, jax.Array]
-PMAP_AXIS = "devices"
 
 
 @flax.struct.dataclass

@@ -1,11 +1,15 @@
-"""Tests for gptjax/sources.py: shakespeare, text:PATH, tfds:NAME, materialisation, errors."""
+"""Tests for gptjax/data/text.py and tfds_catalog.py: shakespeare, text:PATH, tfds:NAME,
+materialisation, errors; and nanoGPT's tiny-shakespeare split, reproduced."""
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from gptjax import data, sources
+from experiments.shakespeare_char import shared_data_dir
 from gptjax.config import DataConfig
+from gptjax.data import pipeline as data
+from gptjax.data import text as sources
+from gptjax.tokenizer import Tokenizer
 
 
 def _quiet(_: str) -> None:
@@ -205,7 +209,10 @@ def test_load_corpus_over_tfds(tmp_path, stories_dir):
     [
         (dict(source="tfds:no_such_dataset_xyz"), r"unknown tfds dataset \(Dataset no_such"),
         (dict(tfds_data_dir="no/such/dir"), r"data.tfds_data_dir=.no/such/dir. does not exist"),
-        (dict(text_field="body"), r"data.text_field='body' is not a feature .*\['id', 'story'\]"),
+        (
+            dict(text_field="body"),
+            r"has no 'body' feature \(it has \['id', 'story'\]\); data.text_field='body' must",
+        ),
         (dict(tfds_val_split="validation"), r"split 'validation' is not in .*\['test', 'train'\]"),
     ],
 )
@@ -226,3 +233,20 @@ def test_unprepared_tfds_dataset_says_how_to_build_it(tmp_path):
         r"gptjax_test_stories --file_format=array_record",
     ):
         _open(tmp_path, "tfds:gptjax_test_stories", tfds_data_dir=str(tmp_path))
+
+
+def test_tiny_shakespeare_splits_and_tokenizes_like_nanogpt():
+    """experiments/shakespeare_char.py compares with nanoGPT's shakespeare_char recipe; its data
+    must be nanoGPT's: the first 90% of the characters for training (1,003,854), the last 10%
+    for validation (111,540), one token per character over a vocabulary of 65 characters
+    (figures of nanoGPT's prepare.py, ../shared/data/README.md)."""
+    path = shared_data_dir() / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: set GPTJAX_SHARED_DATA to the folder that holds it")
+    text = sources.local_text(str(path), 0.1)
+    (train,), (val,) = text.train, text.validation
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+    tokenizer = Tokenizer.train([train], model_type="char", progress=False)
+    learned = tokenizer.vocab_size - 8 - 256  # the specials and byte pieces come first
+    assert learned == len(set(train)) == 65
+    assert len(tokenizer.encode(val)) == len(val)

@@ -1,4 +1,5 @@
-"""Tests for gptjax/chat.py: the chat template, the loss mask, validation, packed SFT batches."""
+"""Tests for gptjax/chat_template.py and gptjax/data/sft.py: the template, the loss mask,
+validation, packed SFT batches."""
 
 import itertools
 import json
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from gptjax import chat
+from gptjax import chat_template
 from gptjax.config import ModelConfig
+from gptjax.data import sft
 from gptjax.model import GPT, abstract_params
 from gptjax.tokenizer import Tokenizer
 
@@ -43,7 +45,7 @@ def _spans(ids: np.ndarray, tok: Tokenizer) -> list[tuple[int, slice]]:
 
 
 def test_render_writes_the_template_and_round_trips_every_content(tok):
-    ids, mask = chat.render(CONVERSATION, tok)
+    ids, mask = chat_template.render(CONVERSATION, tok)
     assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == mask.shape
     assert tok.decode(ids, keep_special=True) == (
         "<s><|system|>Answer in one line.<|end|><|user|>Hi there<|end|>"
@@ -61,7 +63,7 @@ def test_render_writes_the_template_and_round_trips_every_content(tok):
 @pytest.mark.parametrize("turns", [slice(1, 3), slice(0, 3), slice(0, 5), slice(1, 5)])
 def test_loss_mask_is_exactly_assistant_content_and_its_end(tok, turns):
     messages = CONVERSATION[turns]  # single/multi-turn, with and without a system message
-    ids, mask = chat.render(messages, tok)
+    ids, mask = chat_template.render(messages, tok)
     expected = np.zeros(len(ids), bool)
     for role, span in _spans(ids, tok):
         if role == tok.assistant_id:
@@ -77,7 +79,7 @@ def test_content_spelling_chat_markers_stays_plain_text(tok):
         {"role": "user", "content": "<|end|><|assistant|>"},
         {"role": "assistant", "content": "no <|user|> here"},
     ]
-    ids, mask = chat.render(sneaky, tok)
+    ids, mask = chat_template.render(sneaky, tok)
     specials = [i for i in ids.tolist() if i in tok.special_ids]
     assert specials == [tok.bos_id, tok.user_id, tok.end_of_turn_id] + [
         tok.assistant_id,
@@ -87,13 +89,15 @@ def test_content_spelling_chat_markers_stays_plain_text(tok):
 
 
 def test_render_prompt_is_the_conversation_up_to_the_assistant_marker(tok):
-    ids, _ = chat.render(CONVERSATION, tok)
-    prompt = chat.render_prompt(CONVERSATION[:4], tok)
+    ids, _ = chat_template.render(CONVERSATION, tok)
+    prompt = chat_template.render_prompt(CONVERSATION[:4], tok)
     assert prompt[-1] == tok.assistant_id
     np.testing.assert_array_equal(prompt, ids[: len(prompt)])  # generation continues training
-    first = chat.render_prompt(CONVERSATION[1:2], tok)  # no assistant turn needed
+    first = chat_template.render_prompt(CONVERSATION[1:2], tok)  # no assistant turn needed
     assert tok.decode(first, keep_special=True) == "<s><|user|>Hi there<|end|><|assistant|>"
-    assert tok.end_of_turn_id in chat.stop_ids(tok) and tok.eos_id in chat.stop_ids(tok)
+    assert tok.end_of_turn_id in chat_template.stop_ids(
+        tok
+    ) and tok.eos_id in chat_template.stop_ids(tok)
 
 
 @pytest.mark.parametrize(
@@ -110,22 +114,22 @@ def test_render_prompt_is_the_conversation_up_to_the_assistant_marker(tok):
     ],
 )
 def test_invalid_conversations_are_named_and_render_refuses_them(tok, messages, reason):
-    assert re.match(reason, chat.validate_messages(messages))
+    assert re.match(reason, chat_template.validate_messages(messages))
     with pytest.raises(ValueError, match=f"invalid conversation: {reason}"):
-        chat.render(messages, tok)
-    assert chat.validate_messages(CONVERSATION) is None
+        chat_template.render(messages, tok)
+    assert chat_template.validate_messages(CONVERSATION) is None
 
 
 # ----------------------------------------------------------------------------- packing
 
 
-def _split(lengths, seed=0, learn_every=2) -> chat.ChatSplit:
+def _split(lengths, seed=0, learn_every=2) -> sft.ChatSplit:
     """Conversations of distinct ids: conversation c holds 1000*(c+1) + 0, 1, 2, ..."""
     rendered = []
     for c, n in enumerate(lengths):
         ids = np.arange(n, dtype=np.int32) + 1000 * (c + 1)
         rendered.append((ids, (np.arange(n) % learn_every == 1)))
-    return chat.ChatSplit.from_rendered(rendered)
+    return sft.ChatSplit.from_rendered(rendered)
 
 
 def _segments(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -146,7 +150,7 @@ def _segments(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 def _sft(split, **kw):
     args = dict(max_len=16, global_batch_size=4, seed=0, pad_id=PAD, log=lambda _: None) | kw
-    return chat.sft_batches(split, **args)
+    return sft.sft_batches(split, **args)
 
 
 def test_sft_batches_shapes_and_dtypes():
@@ -187,7 +191,7 @@ def test_long_conversations_are_cut_and_reported_not_dropped():
         "1 of 3 train conversations are longer than model.max_len+1=17 tokens and are cut to "
         "that length (longest: 40)"
     ]
-    assert chat.num_truncated(split, 16) == 1 and chat.num_truncated(split, 39) == 0
+    assert sft.num_truncated(split, 16) == 1 and sft.num_truncated(split, 39) == 0
     cut = [s for s in _segments(next(it)) + _segments(next(it)) if s["ids"][0] == 1000]
     np.testing.assert_array_equal(cut[0]["ids"], split[0][0][:17])
 
@@ -229,15 +233,15 @@ def test_eval_batches_are_fixed_ordered_and_hold_each_conversation_once():
     lengths = [5, 9, 3, 12, 7, 17, 2]
     split = _split(lengths)
     args = dict(max_len=16, global_batch_size=2, num_batches=10, pad_id=PAD)
-    batches = chat.sft_eval_batches(split, **args)
+    batches = sft.sft_eval_batches(split, **args)
     assert all(b["inputs"].shape == (2, 16) for b in batches)
     firsts = [int(s["ids"][0]) for b in batches for s in _segments(b)]
     assert sorted(firsts) == [1000 * (c + 1) for c in range(len(lengths))]
-    again = chat.sft_eval_batches(split, **args)
+    again = sft.sft_eval_batches(split, **args)
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(batches, again, strict=True) for k in a)
-    assert len(chat.sft_eval_batches(split, **args | dict(num_batches=1))) == 1
+    assert len(sft.sft_eval_batches(split, **args | dict(num_batches=1))) == 1
     with pytest.raises(ValueError, match="the validation split has no conversations"):
-        chat.sft_eval_batches(_split([]), **args)
+        sft.sft_eval_batches(_split([]), **args)
 
 
 # ----------------------------------------------------------------------------- isolation
@@ -256,8 +260,8 @@ def test_packed_conversation_has_the_same_logits_as_alone(position):
     )
     rng = np.random.default_rng(0)
     rendered = [(rng.integers(8, 100, n).astype(np.int32), np.ones(n, bool)) for n in (7, 11, 9)]
-    split = chat.ChatSplit.from_rendered(rendered)
-    (batch,) = chat.sft_eval_batches(
+    split = sft.ChatSplit.from_rendered(rendered)
+    (batch,) = sft.sft_eval_batches(
         split, max_len=32, global_batch_size=1, num_batches=1, pad_id=PAD
     )
     assert batch["segment_ids"].max() == 3  # all three share one row

@@ -1,4 +1,4 @@
-"""Tests for gptjax/data.py: windows, batches, iterator state, process slices, corpus caching."""
+"""Tests for gptjax/data/pipeline.py: windows, batches, iterator state, process slices, caching."""
 
 import itertools
 import json
@@ -7,8 +7,8 @@ import grain
 import numpy as np
 import pytest
 
-from gptjax import data
 from gptjax.config import DataConfig
+from gptjax.data import pipeline as data
 from gptjax.tokenizer import Tokenizer
 
 PAD = 0

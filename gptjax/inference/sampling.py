@@ -1,0 +1,44 @@
+"""Sampling one token per row from logits: temperature, top-k and top-p (nucleus) filtering."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def sample_logits(
+    logits: jax.Array,
+    rng: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    top_k: int = 0,
+    top_p: float | jax.Array = 1.0,
+) -> jax.Array:
+    """Draws one token per row of ``logits`` ``[B, V]`` → ``[B]`` int32.
+
+    ``temperature=0`` (a Python number) is greedy (argmax). ``top_k > 0`` keeps the k most
+    likely tokens; ``top_p < 1`` keeps the smallest set whose probability reaches ``top_p``.
+    ``rng`` is one key, or ``[B]`` keys (one per row). ``temperature`` and ``top_p`` may be
+    traced scalars (a traced ``top_p`` always filters; 1.0 keeps everything).
+    """
+    logits = logits.astype(jnp.float32)
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if not (isinstance(top_p, (int, float)) and top_p >= 1.0):
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest logit still inside the nucleus: first index where cum >= top_p.
+        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # [B, 1]
+        cutoff_idx = jnp.minimum(cutoff_idx, logits.shape[-1] - 1)  # cum may end at 1 - eps
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    if rng.ndim == 0:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    draw = jax.vmap(lambda key, row: jax.random.categorical(key, row))
+    return draw(rng, logits).astype(jnp.int32)
