@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
@@ -49,6 +50,7 @@ from gptjax import lora
 from gptjax.config import CheckpointConfig, Config
 from gptjax.errors import GptjaxError
 from gptjax.metrics import Log
+from gptjax.model import abstract_params
 from gptjax.sharding import PMAP_AXIS
 from gptjax.tokenizer import Tokenizer
 from gptjax.workdir import checkpoint_dir, write_export_info, write_workdir
@@ -385,10 +387,6 @@ def check_resumable(ckpt: Checkpointer, config: Config, tokenizer: Tokenizer) ->
 
 
 def _param_shapes(config: Config) -> dict[str, tuple]:
-    from flax import linen as nn
-
-    from gptjax.model import abstract_params
-
     return _shapes(nn.meta.unbox(abstract_params(config.model)))
 
 
@@ -543,11 +541,13 @@ def load_params(path: str | Path, abstract_params, step: int | None = None):
         with _reading():
             return reader.manager.restore(step, args=args).params
     except UnreadableCheckpoint as e:
-        raise GptjaxError(
-            f"checkpoint step {step} in {reader.directory} is unreadable ({e})"
-        ) from None
+        raise _unreadable(reader, step, e) from None
     finally:
         reader.close()
+
+
+def _unreadable(reader: Checkpointer, step: int | None, error: Exception) -> GptjaxError:
+    return GptjaxError(f"checkpoint step {step} in {reader.directory} is unreadable ({error})")
 
 
 def export(
@@ -567,20 +567,16 @@ def export(
     if checkpoint_dir(out).exists() and any(checkpoint_dir(out).iterdir()):
         raise GptjaxError(f"{out} already holds checkpoints; export to a new directory")
     reader = Checkpointer(workdir, read_only=True)
-    step = reader.latest_step() if step is None else step
-    if step is None:
-        raise GptjaxError(f"{workdir} has no checkpoint to export; train one first")
     try:
+        step = reader.latest_step() if step is None else step
+        if step is None:
+            raise GptjaxError(f"{workdir} has no checkpoint to export; train one first")
         config, tokenizer = reader.read_saved(step)
-        with _reading():
-            tree = reader.manager.item_metadata(step)["params"].tree
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
     except UnreadableCheckpoint as e:
-        raise GptjaxError(
-            f"checkpoint step {step} in {reader.directory} is unreadable ({e})"
-        ) from None
+        raise _unreadable(reader, step, e) from None
     finally:
         reader.close()
+    abstract = nn.meta.unbox(abstract_params(config.model))["params"]
     params = load_params(workdir, abstract, step)  # numpy: no sharding given
     lora_rank = config.model.lora_rank
     if lora_rank:  # a plain model again: the adapters folded into their weights

@@ -313,12 +313,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: Array,
-        positions: Array,
-        mask: Array | None,
-        deterministic: bool,
-        cache: LayerCache = None,
+        self, x: Array, positions: Array, mask: Array | None, cache: LayerCache = None
     ) -> tuple[Array, LayerCache]:
         c = self.config
         d, h, g, k_dim = c.embed_dim, c.num_heads, c.kv_heads, c.head_dim
@@ -339,8 +334,7 @@ class Attention(nn.Module):
         y = _constrain(y, names)
         out_std = INIT_STD / math.sqrt(2 * c.num_layers)
         out = Linear(c, (h, k_dim), (d,), ("heads", "kv", "embed"), out_std, name="out")
-        y = out(y)  # [B, T, D]
-        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic), cache
+        return out(y), cache  # [B, T, D]
 
 
 class MLP(nn.Module):
@@ -349,7 +343,7 @@ class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array) -> Array:
         c = self.config
         d, f = c.embed_dim, c.hidden_dim
         up = Linear(c, (d,), (f,), ("embed", "mlp"), name="up")(x)  # [B, T, F]
@@ -360,12 +354,12 @@ class MLP(nn.Module):
             hidden = nn.gelu(up, approximate=True)
         hidden = _constrain(hidden, ("batch", "length", "mlp"))
         out_std = INIT_STD / math.sqrt(2 * c.num_layers)
-        y = Linear(c, (f,), (d,), ("mlp", "embed"), out_std, name="down")(hidden)  # [B, T, D]
-        return nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+        return Linear(c, (f,), (d,), ("mlp", "embed"), out_std, name="down")(hidden)  # [B, T, D]
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+    """Pre-norm residual block: ``x + drop(attn(ln_1(x)))``, then ``x + drop(mlp(ln_2(x)))``
+    (dropout on each residual branch, as GPT-2's resid_pdrop)."""
 
     config: ModelConfig
 
@@ -379,10 +373,10 @@ class Block(nn.Module):
         cache: LayerCache = None,
     ) -> tuple[Array, LayerCache]:
         c = self.config
-        attn = Attention(c, name="attn")
-        y, cache = attn(_norm(c, "ln_1")(x), positions, mask, deterministic, cache)
-        x = _constrain(x + y, ("batch", "length", "act_embed"))
-        x = x + MLP(c, name="mlp")(_norm(c, "ln_2")(x), deterministic)
+        drop = nn.Dropout(c.dropout_rate, deterministic=deterministic)
+        y, cache = Attention(c, name="attn")(_norm(c, "ln_1")(x), positions, mask, cache)
+        x = _constrain(x + drop(y), ("batch", "length", "act_embed"))
+        x = x + drop(MLP(c, name="mlp")(_norm(c, "ln_2")(x)))
         return _constrain(x, ("batch", "length", "act_embed")), cache
 
 

@@ -15,6 +15,7 @@ from flax import linen as nn
 from gptjax import chat_template
 from gptjax.config import ModelConfig
 from gptjax.data import sft
+from gptjax.data.pipeline import Batching
 from gptjax.model import GPT, abstract_params
 from gptjax.tokenizer import Tokenizer
 
@@ -148,9 +149,12 @@ def _segments(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _sft(split, **kw):
-    args = dict(max_len=16, global_batch_size=4, seed=0, pad_id=PAD, log=lambda _: None) | kw
-    return sft.sft_batches(split, **args)
+def _batching(**kw) -> Batching:
+    return Batching(**(dict(seq_len=16, global_batch_size=4, pad_id=PAD) | kw))
+
+
+def _sft(split, seed: int = 0, log=lambda _: None, **kw):
+    return sft.sft_batches(split, _batching(**kw), seed=seed, log=log)
 
 
 def test_sft_batches_shapes_and_dtypes():
@@ -186,7 +190,7 @@ def test_each_epoch_packs_every_conversation_whole_exactly_once():
 def test_long_conversations_are_cut_and_reported_not_dropped():
     lines = []
     split = _split([40, 5, 6])
-    it = _sft(split, max_len=16, global_batch_size=2, log=lines.append)
+    it = _sft(split, seq_len=16, global_batch_size=2, log=lines.append)
     assert lines == [
         "1 of 3 train conversations are longer than model.max_len+1=17 tokens and are cut to "
         "that length (longest: 40)"
@@ -232,7 +236,7 @@ def test_process_slices_concatenate_to_the_global_batch():
 def test_eval_batches_are_fixed_ordered_and_hold_each_conversation_once():
     lengths = [5, 9, 3, 12, 7, 17, 2]
     split = _split(lengths)
-    args = dict(max_len=16, global_batch_size=2, num_batches=10, pad_id=PAD)
+    args = dict(batching=_batching(global_batch_size=2), num_batches=10)
     batches = sft.sft_eval_batches(split, **args)
     assert all(b["inputs"].shape == (2, 16) for b in batches)
     firsts = [int(s["ids"][0]) for b in batches for s in _segments(b)]
@@ -262,7 +266,7 @@ def test_packed_conversation_has_the_same_logits_as_alone(position):
     rendered = [(rng.integers(8, 100, n).astype(np.int32), np.ones(n, bool)) for n in (7, 11, 9)]
     split = sft.ChatSplit.from_rendered(rendered)
     (batch,) = sft.sft_eval_batches(
-        split, max_len=32, global_batch_size=1, num_batches=1, pad_id=PAD
+        split, _batching(seq_len=32, global_batch_size=1), num_batches=1
     )
     assert batch["segment_ids"].max() == 3  # all three share one row
     model = GPT(config)

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from gptjax.config import Config, DataConfig, validate
 from gptjax.data import dialogues, sft
+from gptjax.data.pipeline import Batching
 from gptjax.tokenizer import Tokenizer
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -234,7 +235,9 @@ def test_chatterbot_chinese_tokenizes_losslessly(tmp_path, corpus_tokenizer):
             assert tok.decode(ids[mask]) == answers
     assert any(8 <= i < 8 + 256 for i in chats.train.tokens)  # some characters went to bytes
     batch = next(
-        sft.sft_batches(chats.train, max_len=64, global_batch_size=4, seed=0, pad_id=0, log=_quiet)
+        sft.sft_batches(
+            chats.train, Batching(64, global_batch_size=4, pad_id=0), seed=0, log=_quiet
+        )
     )
     assert batch["weights"].sum() > 0 and batch["segment_ids"].max() > 1
 

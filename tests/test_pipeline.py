@@ -27,9 +27,12 @@ def _same(a: list[dict], b: list[dict]) -> bool:
     return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in x)
 
 
-def _train(tokens, **kw):
-    args = dict(max_len=8, global_batch_size=4, seed=0, pad_id=PAD) | kw
-    return data.train_batches(tokens, **args)
+def _batching(**kw) -> data.Batching:
+    return data.Batching(**(dict(seq_len=8, global_batch_size=4, pad_id=PAD) | kw))
+
+
+def _train(tokens, seed: int = 0, **kw):
+    return data.train_batches(tokens, _batching(**kw), seed=seed)
 
 
 # ----------------------------------------------------------------------------- train batches
@@ -123,7 +126,7 @@ def test_train_batches_reject_bad_arguments():
 
 def test_eval_batches_read_a_short_split_in_order_with_padding_rows():
     tokens = _tokens(30)  # 29 targets: 4 windows of 8 (the last holds 5)
-    batches = data.eval_batches(tokens, max_len=8, global_batch_size=3, num_batches=20, pad_id=PAD)
+    batches = data.eval_batches(tokens, _batching(global_batch_size=3), num_batches=20)
     assert len(batches) == 2  # all 4 windows, the 2nd batch filled up with 2 empty rows
     targets = np.concatenate([b["targets"][b["weights"] == 1] for b in batches])
     np.testing.assert_array_equal(targets, tokens[1:])  # in order, each once
@@ -132,19 +135,11 @@ def test_eval_batches_read_a_short_split_in_order_with_padding_rows():
 
 def test_eval_batches_stop_at_num_batches_and_slice_per_process():
     tokens = _tokens(1000)
-    whole = data.eval_batches(tokens, max_len=8, global_batch_size=4, num_batches=3, pad_id=PAD)
+    whole = data.eval_batches(tokens, _batching(), num_batches=3)
     assert len(whole) == 3
     np.testing.assert_array_equal(whole[0]["inputs"][0], tokens[:8])
     halves = [
-        data.eval_batches(
-            tokens,
-            max_len=8,
-            global_batch_size=4,
-            num_batches=3,
-            pad_id=PAD,
-            process_index=p,
-            process_count=2,
-        )
+        data.eval_batches(tokens, _batching(process_index=p, process_count=2), num_batches=3)
         for p in (0, 1)
     ]
     for step in range(3):
@@ -152,7 +147,7 @@ def test_eval_batches_stop_at_num_batches_and_slice_per_process():
             np.concatenate([h[step]["targets"] for h in halves]), whole[step]["targets"]
         )
     with pytest.raises(ValueError, match="validation split has 1 tokens; it needs at least 2"):
-        data.eval_batches(_tokens(1), max_len=8, global_batch_size=4, num_batches=1, pad_id=PAD)
+        data.eval_batches(_tokens(1), _batching(), num_batches=1)
 
 
 # ----------------------------------------------------------------------------- load_corpus
@@ -240,7 +235,7 @@ def test_load_corpus_shakespeare_end_to_end(tmp_path):
     assert head.startswith("Twelfth Night") and "ORSINO:" in head and "**" not in head
     batch = next(
         data.train_batches(
-            corpus.train_tokens, max_len=64, global_batch_size=2, seed=0, pad_id=tok.pad_id
+            corpus.train_tokens, data.Batching(64, global_batch_size=2, pad_id=tok.pad_id), seed=0
         )
     )
     assert batch["inputs"].shape == (2, 64) and batch["weights"].all()

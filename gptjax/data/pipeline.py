@@ -192,87 +192,84 @@ def read_windows(
     }
 
 
-def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
-    """This process's contiguous rows ``[p*b, (p+1)*b)`` of every global batch."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise GptjaxError(
-            f"process_index={process_index} must be in [0, process_count={process_count})"
-        )
-    if global_batch_size < 1 or global_batch_size % process_count:
-        raise GptjaxError(
-            f"global batch size {global_batch_size} (train.batch_size or eval.batch_size) "
-            f"must be a positive multiple of the process count {process_count}; use a "
-            f"multiple of {process_count}"
-        )
-    b = global_batch_size // process_count
-    return slice(process_index * b, (process_index + 1) * b)
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How a task's data becomes batches: rows of ``seq_len`` tokens (T), ``global_batch_size``
+    rows per step over all processes (and hosts), padded with ``pad_id``; process
+    ``process_index`` of ``process_count`` takes the contiguous rows ``rows`` of each."""
+
+    seq_len: int
+    global_batch_size: int
+    pad_id: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        n, p = self.process_count, self.process_index
+        if n < 1 or not 0 <= p < n:
+            raise GptjaxError(f"process_index={p} must be in [0, process_count={n})")
+        if self.global_batch_size < 1 or self.global_batch_size % n:
+            raise GptjaxError(
+                f"global batch size {self.global_batch_size} (train.batch_size or "
+                f"eval.batch_size) must be a positive multiple of the process count {n}; use "
+                f"a multiple of {n}"
+            )
+
+    @property
+    def rows(self) -> slice:
+        """This process's rows ``[p*b, (p+1)*b)`` of every global batch."""
+        b = self.global_batch_size // self.process_count
+        return slice(self.process_index * b, (self.process_index + 1) * b)
 
 
-def train_batches(
-    corpus_tokens: np.ndarray,
-    *,
-    max_len: int,
-    global_batch_size: int,
-    seed: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.DatasetIterator:
-    """An endless, seeded iterator of this process's training batches.
+def train_batches(tokens: np.ndarray, batching: Batching, *, seed: int) -> grain.DatasetIterator:
+    """An endless, seeded iterator of this process's training batches of ``tokens`` [N].
 
     Each epoch is an exact permutation of all windows: grain's ``shuffle`` before ``repeat``
     draws a fresh permutation per epoch, seeded ``(seed + epoch) mod 2**32``. The iterator
     supports ``get_state()``/``set_state()``; its state is the global batch count, the same for
     every process count. Yields ``inputs``/``targets`` int32 [B, T], ``weights`` float32 [B, T].
     """
-    rows = process_rows(global_batch_size, process_index, process_count)
-    n = num_windows(len(corpus_tokens), max_len)
-    if len(corpus_tokens) < max_len + 1:
+    t, rows = batching.seq_len, batching.rows
+    if len(tokens) < t + 1:
         raise GptjaxError(
-            f"the train split has {len(corpus_tokens):,} tokens, fewer than one "
-            f"window of model.max_len+1={max_len + 1}; use more text or a "
-            f"smaller model.max_len"
+            f"the train split has {len(tokens):,} tokens, fewer than one window of "
+            f"model.max_len+1={t + 1}; use more text or a smaller model.max_len"
         )
 
     def read(index: np.ndarray) -> dict[str, np.ndarray]:  # index: [global batch]
-        return read_windows(corpus_tokens, index[rows], max_len, pad_id)
+        return read_windows(tokens, index[rows], t, batching.pad_id)
 
     ds = (
-        grain.MapDataset.range(n)
+        grain.MapDataset.range(num_windows(len(tokens), t))
         .shuffle(seed=seed % 2**32)
         .repeat()
-        .batch(global_batch_size)
+        .batch(batching.global_batch_size)
         .map(read)
     )
     return iter(ds.to_iter_dataset(READ_OPTIONS))
 
 
 def eval_batches(
-    corpus_tokens: np.ndarray,
-    *,
-    max_len: int,
-    global_batch_size: int,
-    num_batches: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    tokens: np.ndarray, batching: Batching, *, num_batches: int
 ) -> list[dict[str, np.ndarray]]:
-    """The first ``num_batches`` global batches of windows, in order, for this process.
+    """The first ``num_batches`` global batches of windows of ``tokens``, in order, for this
+    process.
 
     A short split gives fewer batches (all its windows); the last one is filled up with
     weight-0 rows so every batch has the same shapes ([B, T], as ``train_batches``).
     """
-    rows = process_rows(global_batch_size, process_index, process_count)
-    n = num_windows(len(corpus_tokens), max_len)
+    t, size = batching.seq_len, batching.global_batch_size
+    n = num_windows(len(tokens), t)
     if n == 0:
         raise GptjaxError(
-            f"the validation split has {len(corpus_tokens)} tokens; it needs at "
-            f"least 2 — give it more text"
+            f"the validation split has {len(tokens)} tokens; it needs at least 2 — give it "
+            f"more text"
         )
-    count = min(num_batches, -(-n // global_batch_size))
-    index = np.arange(count * global_batch_size)
+    count = min(num_batches, -(-n // size))
+    index = np.arange(count * size)
     index[index >= n] = -1  # padding rows
     return [
-        read_windows(corpus_tokens, batch[rows], max_len, pad_id)
-        for batch in index.reshape(count, global_batch_size)
+        read_windows(tokens, batch[batching.rows], t, batching.pad_id)
+        for batch in index.reshape(count, size)
     ]

@@ -14,6 +14,7 @@ T = ``max_len``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 
 import grain
@@ -22,7 +23,7 @@ from grain.experimental import FirstFitPackIterDataset
 
 from gptjax import chat_template
 from gptjax.chat_template import Messages
-from gptjax.data import pipeline
+from gptjax.data.pipeline import READ_OPTIONS, Batching
 from gptjax.errors import GptjaxError
 from gptjax.metrics import Log
 from gptjax.tokenizer import Tokenizer
@@ -91,13 +92,14 @@ def _example(split: ChatSplit, max_len: int) -> Callable[[int], dict[str, np.nda
 
 
 def _pack(
-    examples: grain.IterDataset, *, max_len: int, bins: int, seed: int, shuffle: bool, pad_id: int
+    examples: grain.IterDataset, batching: Batching, *, seed: int, shuffle: bool
 ) -> grain.IterDataset:
     """grain's first-fit packer, one bin per global-batch row; keys renamed to gptjax's."""
+    t, pad_id = batching.seq_len, batching.pad_id
     packed = FirstFitPackIterDataset(
         examples,
-        length_struct={"inputs": max_len, "targets": max_len, "weights": max_len},
-        num_packing_bins=bins,
+        length_struct={"inputs": t, "targets": t, "weights": t},
+        num_packing_bins=batching.global_batch_size,
         seed=seed,
         shuffle_bins=shuffle,  # first fit fills early bins with long conversations
         # Only "inputs" gets segment ids and positions; targets/weights share them.
@@ -125,15 +127,7 @@ def _check_split(split: ChatSplit, name: str) -> None:
 
 
 def sft_batches(
-    split: ChatSplit,
-    *,
-    max_len: int,
-    global_batch_size: int,
-    seed: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    log: Log = print,
+    split: ChatSplit, batching: Batching, *, seed: int, log: Log = print
 ) -> grain.DatasetIterator:
     """An endless, seeded iterator of this process's packed training batches.
 
@@ -141,45 +135,36 @@ def sft_batches(
     ``repeat``), packed first-fit in that order into ``global_batch_size`` bins; a batch is
     emitted when the next conversation fits no bin, so each conversation appears whole, once
     per epoch (an epoch's last conversations may share a batch with the next epoch's first).
-    Each process packs the same global batch and keeps rows ``[p*B, (p+1)*B)``. The iterator
-    supports ``get_state()``/``set_state()`` (JSON-serialisable).
+    Each process packs the same global batch and keeps its rows. The iterator supports
+    ``get_state()``/``set_state()`` (JSON-serialisable).
 
     Yields ``inputs``/``targets``/``positions``/``segment_ids`` int32 [B, T] and ``weights``
     float32 [B, T] (0 on padding and on every target that is not assistant content or end).
     """
-    rows = pipeline.process_rows(global_batch_size, process_index, process_count)
+    t, rows = batching.seq_len, batching.rows
     _check_split(split, "train")
-    if cut := num_truncated(split, max_len):
+    if cut := num_truncated(split, t):
         log(
             f"{cut:,} of {len(split):,} train conversations are longer than model.max_len+1="
-            f"{max_len + 1} tokens and are cut to that length (longest: {split.lengths.max():,})"
+            f"{t + 1} tokens and are cut to that length (longest: {split.lengths.max():,})"
         )
     examples = (
         grain.MapDataset.range(len(split))
         .shuffle(seed=seed % 2**32)
         .repeat()
-        .map(_example(split, max_len))
-        .to_iter_dataset(pipeline.READ_OPTIONS)
+        .map(_example(split, t))
+        .to_iter_dataset(READ_OPTIONS)
     )
-    packed = _pack(
-        examples, max_len=max_len, bins=global_batch_size, seed=seed, shuffle=True, pad_id=pad_id
-    )
+    packed = _pack(examples, batching, seed=seed, shuffle=True)
 
     def take_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.ascontiguousarray(v[rows]) for k, v in batch.items()}
 
-    return iter(packed.batch(global_batch_size).map(take_rows))
+    return iter(packed.batch(batching.global_batch_size).map(take_rows))
 
 
 def sft_eval_batches(
-    split: ChatSplit,
-    *,
-    max_len: int,
-    global_batch_size: int,
-    num_batches: int,
-    pad_id: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    split: ChatSplit, batching: Batching, *, num_batches: int
 ) -> list[dict[str, np.ndarray]]:
     """The first ``num_batches`` packed global batches of ``split`` in order, for this process.
 
@@ -187,30 +172,18 @@ def sft_eval_batches(
     call. A short split gives fewer batches; the last is filled up with all-padding rows
     (weight 0, segment 0) so that every batch has the shapes [B, T] of ``sft_batches``.
     """
-    rows = pipeline.process_rows(global_batch_size, process_index, process_count)
+    size, pad_id = batching.global_batch_size, batching.pad_id
     _check_split(split, "validation")
-    examples = grain.MapDataset.range(len(split)).map(_example(split, max_len))
-    packed = _pack(
-        examples.to_iter_dataset(pipeline.READ_OPTIONS),
-        max_len=max_len,
-        bins=global_batch_size,
-        seed=0,
-        shuffle=False,
-        pad_id=pad_id,
-    )
-    wanted = num_batches * global_batch_size
-    out = []
-    for row in packed:
-        out.append(row)
-        if len(out) == wanted:
-            break
-    if len(out) % global_batch_size:  # all-padding rows: the first row's keys, emptied
+    examples = grain.MapDataset.range(len(split)).map(_example(split, batching.seq_len))
+    packed = _pack(examples.to_iter_dataset(READ_OPTIONS), batching, seed=0, shuffle=False)
+    out = list(itertools.islice(packed, num_batches * size))
+    if len(out) % size:  # all-padding rows: the first row's keys, emptied
         empty = {
             k: np.full_like(v, pad_id) if k in ("inputs", "targets") else np.zeros_like(v)
             for k, v in out[0].items()
         }
-        out += [empty] * (-len(out) % global_batch_size)
+        out += [empty] * (-len(out) % size)
     return [
-        {k: np.stack([r[k] for r in out[i : i + global_batch_size]])[rows] for k in out[0]}
-        for i in range(0, len(out), global_batch_size)
+        {k: np.stack([r[k] for r in out[i : i + size]])[batching.rows] for k in out[0]}
+        for i in range(0, len(out), size)
     ]

@@ -24,14 +24,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import GptjaxError
-from gptjax.inference.sampling import sample_logits
+from gptjax.inference.sampling import SAMPLING, Sampling, sample_logits
 from gptjax.model import GPT, KVCache, init_cache
 
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: one prefill compile per bucket
@@ -162,29 +162,27 @@ def generate_batch(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     stop_ids: Sequence[int] = frozenset(),
     on_token: Callable[[int, int], Any] | None = None,
     stream_interval: float = STREAM_INTERVAL_S,
+    **sampling: Unpack[Sampling],
 ) -> list[list[int]]:
     """Returns each prompt followed by its up to ``max_new_tokens`` sampled tokens.
 
     Args:
       params: the model's ``params`` tree (plain arrays).
       prompts: B lists of token ids, of any lengths in 1..max_len.
-      temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off.
-      seed: row i samples with ``seed + i`` (see the module docstring).
       stop_ids: ids that end a row (kept as its last token).
       on_token: ``on_token(row, token)`` is called for every new token, step by step, in
         order; returning True ends that row after this token. Decoding then runs in chunks
         of about ``stream_interval`` seconds (the first is one token); without a hook, in
         one compiled call.
+      sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``seed`` (row i samples
+        with ``seed + i``, see the module docstring); defaults in ``sampling.SAMPLING``.
     """
-    c = model.config
-    _check_args(prompts, c.max_len, max_new_tokens, temperature, top_k, top_p)
+    c, opt = model.config, {**SAMPLING, **sampling}
+    temperature, top_p = opt["temperature"], opt["top_p"]
+    _check_args(prompts, c.max_len, max_new_tokens, temperature, opt["top_k"], top_p)
     b, s = len(prompts), c.max_len
     padded, lengths = pad_prompts(prompts, s)
     if max_new_tokens == 0 or lengths.min() == s:
@@ -195,13 +193,13 @@ def generate_batch(
     decode = functools.partial(
         _decode,
         params,
-        seeds=(seed + np.arange(b)).astype(np.int32),
+        seeds=(opt["seed"] + np.arange(b)).astype(np.int32),
         is_stop=is_stop,
         temperature=np.float32(temperature),
         top_p=np.float32(top_p),
         model=model,
         greedy=temperature == 0,
-        top_k=top_k,
+        top_k=opt["top_k"],
         nucleus=top_p < 1.0,
     )
     cut = np.full(b, s, np.int32)  # rows the hook ended: their length at that moment
@@ -238,27 +236,22 @@ def generate(
     prompt: Sequence[int],
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
     stop_ids: Sequence[int] = frozenset(),
     on_token: Callable[[int], Any] | None = None,
+    **sampling: Unpack[Sampling],
 ) -> list[int]:
     """``generate_batch`` for one prompt: ids ``[N]`` → ids ``[N + n]``, n <= max_new_tokens.
 
     ``on_token(token)`` (optional) sees each new token in order; True ends generation.
     """
     hook = None if on_token is None else (lambda _, token: on_token(token))
-    return generate_batch(
+    batch = generate_batch(
         params,
         model,
         [prompt],
         max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
         stop_ids=stop_ids,
         on_token=hook,
-    )[0]
+        **sampling,
+    )
+    return batch[0]

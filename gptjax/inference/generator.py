@@ -9,14 +9,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from flax import linen as nn
 
 from gptjax import chat_template, checkpoint
 from gptjax.inference.decode import generate_batch
+from gptjax.inference.sampling import Sampling
 from gptjax.model import GPT, abstract_params
 from gptjax.workdir import read_workdir
+
+DEFAULT_TEMPERATURE = 0.8  # text in, text out: a little less random than the raw softmax
 
 
 class _TextStream:
@@ -83,32 +86,23 @@ class Generator:
         prompt: str | Sequence[str],
         *,
         max_new_tokens: int = 100,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
         stop: Sequence[str] = (),
         stream: Callable[..., Any] | None = None,
+        **sampling: Unpack[Sampling],
     ) -> str | list[str]:
         """Returns ``prompt`` and its continuation as text (a list for a list of prompts).
 
         Generation ends at EOS, at the first of the ``stop`` strings (cut off, not returned),
         after ``max_new_tokens`` or at ``model.max_len`` tokens in all. ``stream(text)`` (for
         a list: ``stream(i, text)``) receives the continuation piece by piece as it is made.
+        ``sampling``: ``temperature`` (default 0.8; 0 = greedy), ``top_k``, ``top_p``, ``seed``.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         ids = [self.tokenizer.encode(p) or [self.tokenizer.bos_id] for p in prompts]
+        stream_rows = (lambda _, text: stream(text)) if single and stream else stream
         replies = self._complete(
-            ids,
-            stop_ids=(self.tokenizer.eos_id,),
-            stop=stop,
-            stream=(lambda _, text: stream(text)) if single and stream else stream,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
+            ids, (self.tokenizer.eos_id,), stop, stream_rows, max_new_tokens, sampling
         )
         texts = [p + r for p, r in zip(prompts, replies, strict=True)]
         return texts[0] if single else texts
@@ -118,41 +112,36 @@ class Generator:
         messages: Sequence[dict[str, str]],
         *,
         max_new_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
         stop: Sequence[str] = (),
         stream: Callable[[str], Any] | None = None,
+        **sampling: Unpack[Sampling],
     ) -> str:
         """The assistant's next reply to ``messages`` (``[{"role", "content"}, ...]``).
 
         The conversation is rendered by ``chat_template.render_prompt`` and the reply ends at
         ``chat_template.stop_ids`` (end-of-turn, EOS). A conversation longer than
         ``model.max_len`` tokens is a ``GptjaxError``: trim the history
-        (``gptjax/inference/session.py``).
-        ``stream(text)`` receives the reply as it is made.
+        (``gptjax/inference/session.py``). ``stream(text)`` receives the reply as it is made;
+        ``sampling`` as for ``__call__``.
         """
         ids = chat_template.render_prompt(messages, self.tokenizer)
-        return self._complete(
-            [ids],
-            stop_ids=chat_template.stop_ids(self.tokenizer),
-            stop=stop,
-            stream=(lambda _, text: stream(text)) if stream else None,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )[0]
+        stop_ids = chat_template.stop_ids(self.tokenizer)
+        stream_rows = (lambda _, text: stream(text)) if stream else None
+        return self._complete([ids], stop_ids, stop, stream_rows, max_new_tokens, sampling)[0]
 
-    def _complete(self, ids, *, stop_ids, stop, stream, **sampling) -> list[str]:
+    def _complete(self, ids, stop_ids, stop, stream, max_new_tokens, sampling) -> list[str]:
         """The continuation text of each prompt in ``ids``, cut at stop strings."""
         emit = (lambda i: functools.partial(stream, i)) if stream else (lambda i: None)
         rows = [_TextStream(self.tokenizer, stop, emit(i)) for i in range(len(ids))]
         hook = (lambda i, token: rows[i].push(token)) if stream or stop else None
         out = generate_batch(
-            self.params, self.model, ids, stop_ids=stop_ids, on_token=hook, **sampling
+            self.params,
+            self.model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            on_token=hook,
+            **{"temperature": DEFAULT_TEMPERATURE, **sampling},
         )
         if hook is None:
             for row, prompt, tokens in zip(rows, ids, out, strict=True):

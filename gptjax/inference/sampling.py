@@ -1,11 +1,29 @@
-"""Sampling one token per row from logits: temperature, top-k and top-p (nucleus) filtering."""
+"""Sampling one token per row from logits: temperature, top-k and top-p (nucleus) filtering.
+
+``Sampling`` names the options that every sampling call takes (``generate_batch``,
+``Generator``, ``ChatSession``) once, as keyword arguments.
+"""
 
 from __future__ import annotations
+
+from typing import TypedDict
 
 import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
+
+
+class Sampling(TypedDict, total=False):
+    """Keyword options of a sampling call; each is optional (defaults in ``SAMPLING``)."""
+
+    temperature: float  # 0 = greedy (argmax)
+    top_k: int  # keep the k most likely tokens; 0 = off
+    top_p: float  # keep the smallest set reaching this probability; 1 = off
+    seed: int  # row i of a batch samples with seed + i
+
+
+SAMPLING: Sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
 def sample_logits(

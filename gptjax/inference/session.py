@@ -10,11 +10,12 @@ reports it and goes on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 from gptjax.chat_template import render_prompt
 from gptjax.errors import GptjaxError
 from gptjax.inference.generator import Generator
+from gptjax.inference.sampling import Sampling
 
 
 class ChatSession:
@@ -26,7 +27,7 @@ class ChatSession:
         *,
         system: str | None = None,
         max_new_tokens: int = 128,
-        **sampling: Any,
+        **sampling: Unpack[Sampling],
     ):
         self.generator = generator
         self.system = [{"role": "system", "content": system}] if system else []

@@ -26,7 +26,7 @@ from gptjax.errors import GptjaxError
 from gptjax.inference.generator import Generator
 from gptjax.metrics import Log, lead_only
 from gptjax.tokenizer import Tokenizer
-from gptjax.training.loop import Task, data_args, run
+from gptjax.training.loop import Task, batching, run
 from gptjax.workdir import TOKENIZER_FILE, read_workdir
 
 
@@ -60,13 +60,15 @@ def finetune(
     config = finetune_config(config, base, init_from)
     say = lead_only(log)
     chats = dialogues.load_dialogues(config.data, tokenizer, log=say)
-    train_args, eval_args = data_args(config, tokenizer)
+    train, val = batching(config, tokenizer)
     task = Task(
         name="finetune",
         tokenizer=tokenizer,
         description=chats.description,
-        train_iterator=sft.sft_batches(chats.train, log=say, **train_args),
-        val_batches=sft.sft_eval_batches(chats.validation, **eval_args),
+        train_iterator=sft.sft_batches(chats.train, train, seed=config.train.seed, log=say),
+        val_batches=sft.sft_eval_batches(
+            chats.validation, val, num_batches=config.eval.num_batches
+        ),
         init_params=lambda fresh: pretrained_params(init_from, fresh),
         eval_at_start=True,
     )

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from gptjax import checkpoint, distributed, lora, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
+from gptjax.data.pipeline import Batching
 from gptjax.errors import GptjaxError, TrainingDiverged
 from gptjax.metrics import Log, MetricsWriter, flops_per_token, lead_only
 from gptjax.model import GPT, abstract_params, count_params
@@ -86,21 +87,17 @@ def preflight(config: Config) -> tuple[int, int, int]:
     return shape
 
 
-def data_args(config: Config, tokenizer: Tokenizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword arguments of a task's train and validation pipelines: window length, padding,
-    global batch sizes, seed, and which rows of each global batch are this process's."""
+def batching(config: Config, tokenizer: Tokenizer) -> tuple[Batching, Batching]:
+    """How a task cuts its train and validation data: window length, padding, global batch
+    sizes, and which rows of each global batch are this process's."""
     common = dict(
-        max_len=config.model.max_len,
+        seq_len=config.model.max_len,
         pad_id=tokenizer.pad_id,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    train = dict(common, global_batch_size=config.train.batch_size, seed=config.train.seed)
-    val = dict(
-        common,
-        global_batch_size=config.eval.batch_size or config.train.batch_size,
-        num_batches=config.eval.num_batches,
-    )
+    train = Batching(global_batch_size=config.train.batch_size, **common)
+    val = Batching(global_batch_size=config.eval.batch_size or config.train.batch_size, **common)
     return train, val
 
 

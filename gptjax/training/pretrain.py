@@ -20,7 +20,7 @@ from gptjax.inference.decode import generate
 from gptjax.metrics import Log, flops_per_token, lead_only
 from gptjax.model import GPT, count_params
 from gptjax.tokenizer import Tokenizer
-from gptjax.training.loop import Task, data_args, preflight, run
+from gptjax.training.loop import Task, batching, preflight, run
 from gptjax.training.steps import memory_plan
 
 
@@ -37,13 +37,15 @@ def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[s
     tokenizer = checkpoint.saved_tokenizer(workdir)  # a resumed run keeps its tokenizer
     corpus = pipeline.load_corpus(config.data, tokenizer=tokenizer, log=say)
     config = with_vocab(config, corpus.tokenizer)
-    train_args, eval_args = data_args(config, corpus.tokenizer)
+    train, val = batching(config, corpus.tokenizer)
     task = Task(
         name="pretrain",
         tokenizer=corpus.tokenizer,
         description=corpus.description,
-        train_iterator=pipeline.train_batches(corpus.train_tokens, **train_args),
-        val_batches=pipeline.eval_batches(corpus.val_tokens, **eval_args),
+        train_iterator=pipeline.train_batches(corpus.train_tokens, train, seed=config.train.seed),
+        val_batches=pipeline.eval_batches(
+            corpus.val_tokens, val, num_batches=config.eval.num_batches
+        ),
     )
     model = GPT(config.model)
     if config.eval.sample_tokens:
