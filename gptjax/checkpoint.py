@@ -10,11 +10,12 @@ A checkpoint is self-describing and holds no pickles. Its items:
   (``gptjax/data.py``), so N means the same for any process count or mesh, and a resumed run
   continues the global sample order exactly;
 * ``config``     — the resolved config (JSON);
-* ``tokenizer``  — the SentencePiece model, base64 in JSON.
+* ``tokenizer``  — the tokenizer's JSON state (``Tokenizer.to_state``).
 
-An export (``export``) has the same layout with ``params``, ``config`` and ``tokenizer`` only,
-plus a workdir's ``config.json`` and ``tokenizer.model`` (``gptjax/workdir.py``), so
-``load_params`` and ``gptjax.load`` read an export directory and a training workdir alike.
+An export (``gptjax/exports.py``) has the same layout with ``params``, ``config`` and
+``tokenizer`` only, plus a workdir's ``config.json`` and tokenizer files
+(``gptjax/workdir.py``), so ``load_params`` and ``gptjax.load`` read an export directory and a
+training workdir alike.
 
 The arrays are the *logical* train state: a pmap run saves one replica, so jit and pmap
 checkpoints are interchangeable. Arrays are restored straight into the shardings of an abstract
@@ -29,7 +30,6 @@ both).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import shutil
@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
@@ -46,23 +45,24 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
 
-from gptjax import lora
 from gptjax.config import CheckpointConfig, Config
 from gptjax.errors import GptjaxError
 from gptjax.metrics import Log
 from gptjax.model import abstract_params
 from gptjax.sharding import PMAP_AXIS
 from gptjax.tokenizer import Tokenizer
-from gptjax.workdir import checkpoint_dir, write_export_info, write_workdir
+from gptjax.workdir import (
+    checkpoint_dir,
+    tokenizer_from_state,
+)
 
-EXPORT_DTYPES = ("float32", "bfloat16")
 UNREADABLE_DIR = "checkpoints-unreadable"  # where fallback moves checkpoints it cannot read
 
 # What a checkpoint fixes besides its array shapes (which are always checked). A change to one
 # of these keeps every array restorable but changes what the run means, above all what the data
 # position (a count of global batches) points at; it needs checkpoint.allow_reshape=true.
 _MODEL_FIXED = "vocab_size vocab_multiple num_layers num_heads num_kv_heads embed_dim mlp_dim"
-_MODEL_FIXED += " max_len position norm activation tie_embeddings use_bias"
+_MODEL_FIXED += " max_len position norm activation tie_embeddings use_bias qkv_bias"
 FIXED_FIELDS = tuple(f"model.{k}" for k in _MODEL_FIXED.split()) + (
     "train.batch_size",
     "train.seed",
@@ -102,7 +102,7 @@ def _reading():
         raise UnreadableCheckpoint(_reason(e)) from e
 
 
-def _handlers() -> dict[str, ocp.CheckpointHandler]:
+def handlers() -> dict[str, ocp.CheckpointHandler]:
     arrays, text = ocp.StandardCheckpointHandler, ocp.JsonCheckpointHandler
     return dict(params=arrays(), train=arrays(), data=text(), config=text(), tokenizer=text())
 
@@ -170,7 +170,7 @@ class Checkpointer:
         )
         with _quiet_read_only():
             self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_handlers=_handlers()
+                self.directory, options=options, item_handlers=handlers()
             )
 
     def steps(self) -> list[int]:
@@ -197,7 +197,7 @@ class Checkpointer:
                 train=ocp.args.StandardSave(_rest(state)),
                 data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config.to_dict()),
-                tokenizer=ocp.args.JsonSave(_tokenizer_json(tokenizer)),
+                tokenizer=ocp.args.JsonSave(tokenizer.to_state()),
             ),
             metrics=None if val_loss is None else {"val_loss": float(val_loss)},
             force=True,
@@ -212,8 +212,7 @@ class Checkpointer:
                     config=ocp.args.JsonRestore(), tokenizer=ocp.args.JsonRestore()
                 ),
             )
-            proto = base64.b64decode(out.tokenizer["sentencepiece_model_base64"])
-            tokenizer, saved = Tokenizer.from_bytes(proto), dict(out.config)
+            tokenizer, saved = tokenizer_from_state(dict(out.tokenizer)), dict(out.config)
         try:
             return Config.from_dict(saved), tokenizer
         except GptjaxError as e:  # readable, but from a gptjax with other config fields
@@ -279,10 +278,6 @@ class Checkpointer:
 
 def _rest(state) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-
-
-def _tokenizer_json(tokenizer: Tokenizer) -> dict[str, str]:
-    return {"sentencepiece_model_base64": base64.b64encode(tokenizer.to_bytes()).decode()}
 
 
 def _reason(error: BaseException) -> str:
@@ -541,60 +536,10 @@ def load_params(path: str | Path, abstract_params, step: int | None = None):
         with _reading():
             return reader.manager.restore(step, args=args).params
     except UnreadableCheckpoint as e:
-        raise _unreadable(reader, step, e) from None
+        raise unreadable(reader, step, e) from None
     finally:
         reader.close()
 
 
-def _unreadable(reader: Checkpointer, step: int | None, error: Exception) -> GptjaxError:
+def unreadable(reader: Checkpointer, step: int | None, error: Exception) -> GptjaxError:
     return GptjaxError(f"checkpoint step {step} in {reader.directory} is unreadable ({error})")
-
-
-def export(
-    workdir: str | Path, out: str | Path, *, dtype: str = "float32", step: int | None = None
-) -> Path:
-    """Writes the parameters of ``workdir``'s latest (or given) checkpoint, without optimizer
-    state and optionally cast to bfloat16, with its config and tokenizer, to ``out``.
-
-    LoRA adapters (``gptjax/lora.py``) are merged into their weights: the export is a plain
-    model. ``out`` then reads like a workdir: ``load_params(out, ...)``, ``gptjax.load(out)`` and
-    ``gptjax generate --workdir OUT`` work on it. Single-process; the parameters pass through
-    host memory. Returns the checkpoint directory written.
-    """
-    if dtype not in EXPORT_DTYPES:
-        raise GptjaxError(f"export dtype={dtype!r} is not one of {EXPORT_DTYPES}")
-    out = Path(out).absolute()
-    if checkpoint_dir(out).exists() and any(checkpoint_dir(out).iterdir()):
-        raise GptjaxError(f"{out} already holds checkpoints; export to a new directory")
-    reader = Checkpointer(workdir, read_only=True)
-    try:
-        step = reader.latest_step() if step is None else step
-        if step is None:
-            raise GptjaxError(f"{workdir} has no checkpoint to export; train one first")
-        config, tokenizer = reader.read_saved(step)
-    except UnreadableCheckpoint as e:
-        raise _unreadable(reader, step, e) from None
-    finally:
-        reader.close()
-    abstract = nn.meta.unbox(abstract_params(config.model))["params"]
-    params = load_params(workdir, abstract, step)  # numpy: no sharding given
-    lora_rank = config.model.lora_rank
-    if lora_rank:  # a plain model again: the adapters folded into their weights
-        params, config = lora.merge(params, config.model), lora.without_lora(config)
-    params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.dtype(dtype)), params)
-    write_workdir(out, config, tokenizer)
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with ocp.CheckpointManager(
-        checkpoint_dir(out), options=options, item_handlers=_handlers()
-    ) as writer:
-        writer.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                config=ocp.args.JsonSave(config.to_dict()),
-                tokenizer=ocp.args.JsonSave(_tokenizer_json(tokenizer)),
-            ),
-        )
-    source = str(reader.directory / str(step))
-    write_export_info(out, {"source": source, "dtype": dtype, "merged_lora_rank": lora_rank})
-    return checkpoint_dir(out) / str(step)

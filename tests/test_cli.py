@@ -1,6 +1,7 @@
 """The gptjax command line end to end: pretrain → generate, every user error as one line, an
 internal error with its traceback, and the README's commands and layout table kept true."""
 
+import ast
 import re
 import shlex
 import shutil
@@ -182,6 +183,23 @@ def test_every_path_in_the_readme_layout_table_exists():
     for module in (ROOT / "gptjax").rglob("*.py"):  # and every module is listed
         rel = str(module.relative_to(ROOT))
         assert rel in listed or module.name == "__init__.py", f"{rel} missing from README layout"
+
+
+def test_modules_import_only_the_layers_above_them_in_the_readme_table():
+    table = _readme().split("## Layout", 1)[1].split("```")[1]
+    order = [ln.split()[0] for ln in table.splitlines() if ln.startswith("gptjax/")]
+    modules = [p.removesuffix(".py").replace("/", ".") for p in order]
+    for i, module in enumerate(modules[2:], start=2):  # after __init__ and __main__
+        tree = ast.parse((ROOT / order[i]).read_text(encoding="utf-8"))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {
+            f"{n.module}.{a.name}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module in ("gptjax", "gptjax.data")
+            for a in n.names
+        }
+        for name in sorted(m for m in imported if m and m in modules):
+            assert modules.index(name) < i, f"{module} imports {name}, listed below it"
 
 
 def _readme_commands() -> list[list[str]]:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gptjax import lora
-from gptjax.checkpoint import export
 from gptjax.config import MODEL_PRESETS, TrainConfig, apply_overrides, load_experiment
 from gptjax.errors import GptjaxError
+from gptjax.exports import export
 from gptjax.inference.generator import load
 from gptjax.inference.session import ChatSession
 from gptjax.metrics import read_metrics

@@ -111,7 +111,7 @@ def test_process_slices_concatenate_to_the_global_batch(process_count):
 
 
 def test_train_batches_reject_bad_arguments():
-    with pytest.raises(ValueError, match=r"fewer than one window of model.max_len\+1=9"):
+    with pytest.raises(ValueError, match=r"fewer than one window of data.seq_len\+1=9"):
         _train(_tokens(8))
     with pytest.raises(
         ValueError, match=r"global batch size 6 \(train.batch_size or eval.batch_size\) must"
@@ -221,7 +221,7 @@ def test_given_tokenizer_path_is_loaded_not_trained(tmp_path, text_file):
     )
     assert corpus.tokenizer.fingerprint == trained.fingerprint
     assert not (tmp_path / "cache" / "tokenizers").exists()
-    with pytest.raises(ValueError, match="data.tokenizer='/nope.model' does not exist"):
+    with pytest.raises(ValueError, match="tokenizer '/nope.model' does not exist"):
         data.load_corpus(_config(tmp_path, f"text:{path}", tokenizer="/nope.model"))
 
 

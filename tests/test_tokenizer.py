@@ -2,6 +2,7 @@
 
 import importlib.resources
 import io
+import json
 import pickle
 import string
 
@@ -12,7 +13,8 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptjax.tokenizer import CHAT_PIECES, SPECIAL_PIECES, Tokenizer
+from gptjax.tokenizer import CHAT_PIECES, SPECIAL_PIECES, SentencePieceTokenizer, Tokenizer
+from gptjax.workdir import load_tokenizer, tokenizer_from_state
 
 # fmt: off
 HARD_STRINGS = [
@@ -199,8 +201,9 @@ def test_save_load_from_bytes_and_pickle_agree(bpe, tmp_path, corpus):
     text = corpus[0][:5000] + "\u2581 日本 <|user|>"
     path = tmp_path / "sub" / "tok.model"
     bpe.save(path)
-    copies = [Tokenizer.load(path), Tokenizer.from_bytes(bpe.to_bytes())]
-    copies.append(pickle.loads(pickle.dumps(bpe)))
+    copies = [SentencePieceTokenizer.load(path), Tokenizer.from_bytes(bpe.to_bytes())]
+    copies += [pickle.loads(pickle.dumps(bpe)), load_tokenizer(path)]
+    copies.append(tokenizer_from_state(json.loads(json.dumps(bpe.to_state()))))
     for copy in copies:
         assert copy.encode(text) == bpe.encode(text)
         assert copy.fingerprint == bpe.fingerprint and copy.vocab_size == bpe.vocab_size
@@ -210,11 +213,13 @@ def test_save_load_from_bytes_and_pickle_agree(bpe, tmp_path, corpus):
 def test_load_errors_are_clear(tmp_path):
     missing = tmp_path / "nope.model"
     with pytest.raises(ValueError, match=r"nope\.model' does not exist; set data\.tokenizer"):
-        Tokenizer.load(missing)
+        SentencePieceTokenizer.load(missing)
+    with pytest.raises(ValueError, match=r"nope\.model' does not exist; give a SentencePiece"):
+        load_tokenizer(missing)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"this is not a model \x00\xff" * 10)
     with pytest.raises(ValueError, match=r"garbage\.model' is not a SentencePiece model"):
-        Tokenizer.load(garbage)
+        load_tokenizer(garbage)
     with pytest.raises(ValueError, match="is not a SentencePiece model"):
         Tokenizer.from_bytes(b"")
 

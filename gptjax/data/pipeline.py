@@ -4,15 +4,16 @@
 tokenizer (trained on the train split only), and tokenizes each split once into one flat
 int32 array — documents joined by EOS — cached as ``.npy`` under ``<cache>/tokens/``.
 
-``train_batches`` cuts the train array into windows of ``max_len + 1`` tokens at stride
-``max_len`` (window i = tokens[i*T : i*T + T + 1]), so each token after the first is a
+``train_batches`` cuts the train array into windows of ``seq_len + 1`` tokens at stride
+``seq_len`` (window i = tokens[i*T : i*T + T + 1]), so each token after the first is a
 target exactly once per epoch; the last window is padded with ``pad_id`` and weight 0. The
 window order is a fresh seeded permutation each epoch, batched to the *global* batch size
 before each process takes its own rows: the sample order and the iterator state mean the same
 thing for any number of processes. ``eval_batches`` reads the validation split from its start,
 unshuffled.
 
-Shapes: B = rows of this process (global batch / process count), T = ``max_len``.
+Shapes: B = rows of this process (global batch / process count), T = ``seq_len``
+(``data.seq_len``, else ``model.max_len``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from gptjax.config import DataConfig
 from gptjax.data import text as text_sources
 from gptjax.errors import GptjaxError
 from gptjax.metrics import Log
-from gptjax.tokenizer import Tokenizer
+from gptjax.tokenizer import SentencePieceTokenizer, Tokenizer
+from gptjax.workdir import load_tokenizer
 
 # Tokenizer training reads at most this many characters of the train split: SentencePiece
 # holds its input in memory, and more text barely changes a 2-50k vocabulary.
@@ -86,21 +88,16 @@ def load_corpus(
 
 
 def tokenizer_for(data: DataConfig, source: text_sources.Source, root: Path, log: Log) -> Tokenizer:
-    """Loads ``data.tokenizer``, or trains one on the train split (cached by data+type+size)."""
+    """Loads ``data.tokenizer`` (a SentencePiece .model, a Hugging Face tokenizer folder or
+    workdir), or trains one on the train split (cached by data+type+size)."""
     if data.tokenizer:
-        path = Path(data.tokenizer).expanduser()
-        if not path.is_file():
-            raise GptjaxError(
-                f"data.tokenizer={data.tokenizer!r} does not exist; give the path "
-                f"of a SentencePiece .model file, or '' to train one"
-            )
-        return Tokenizer.load(path)
+        return load_tokenizer(data.tokenizer)
     size = 0 if data.tokenizer_type == "char" else data.tokenizer_vocab_size
     key = hashlib.sha256(f"{source.key}|{data.tokenizer_type}|{size}".encode()).hexdigest()
     path = root / "tokenizers" / f"{key[:20]}.model"
     if path.is_file():
         log(f"reusing tokenizer {path}")
-        return Tokenizer.load(path)
+        return SentencePieceTokenizer.load(path)
     log(
         f"training a {data.tokenizer_type} tokenizer (vocab {size or 'all characters'}) "
         f"on the train split"
@@ -165,19 +162,19 @@ def _cached_tokens(
 # ----------------------------------------------------------------------------- batches
 
 
-def num_windows(num_tokens: int, max_len: int) -> int:
+def num_windows(num_tokens: int, seq_len: int) -> int:
     """Windows needed so that each of the ``num_tokens - 1`` targets appears once."""
-    return max(0, -(-(num_tokens - 1) // max_len))
+    return max(0, -(-(num_tokens - 1) // seq_len))
 
 
 def read_windows(
-    tokens: np.ndarray, index: np.ndarray, max_len: int, pad_id: int
+    tokens: np.ndarray, index: np.ndarray, seq_len: int, pad_id: int
 ) -> dict[str, np.ndarray]:
     """Window ``i`` of ``tokens`` for each ``i`` in ``index`` [B]; ``-1`` gives a padding row.
 
     Returns ``inputs``/``targets`` int32 [B, T] and ``weights`` float32 [B, T] (0 on padding).
     """
-    t = max_len
+    t = seq_len
     rows = np.full((len(index), t + 1), pad_id, np.int32)  # [B, T+1]
     weights = np.zeros((len(index), t), np.float32)  # [B, T]
     for r, i in enumerate(index):
@@ -234,7 +231,7 @@ def train_batches(tokens: np.ndarray, batching: Batching, *, seed: int) -> grain
     if len(tokens) < t + 1:
         raise GptjaxError(
             f"the train split has {len(tokens):,} tokens, fewer than one window of "
-            f"model.max_len+1={t + 1}; use more text or a smaller model.max_len"
+            f"data.seq_len+1={t + 1}; use more text or a smaller data.seq_len"
         )
 
     def read(index: np.ndarray) -> dict[str, np.ndarray]:  # index: [global batch]

@@ -4,11 +4,11 @@ assistant-only loss.
 Conversations are rendered by ``gptjax/chat_template.py`` (ids and a loss mask that is 1 on
 assistant content and its end-of-turn token). Packing (``sft_batches``): each conversation of n
 tokens becomes n - 1 (input, target, weight) triples, weight of target t = mask of token t + 1.
-Conversations of more than ``max_len + 1`` tokens are cut to ``max_len + 1`` (counted and
-logged, never dropped). grain's first-fit packer puts them into ``max_len`` rows, one bin per
+Conversations of more than ``seq_len + 1`` tokens are cut to ``seq_len + 1`` (counted and
+logged, never dropped). grain's first-fit packer puts them into ``seq_len`` rows, one bin per
 row of the global batch; ``segment_ids`` (1, 2, ... per conversation, 0 = padding) keep attention
 inside a conversation and ``positions`` restart at 0 for each. Shapes: B = rows of this process,
-T = ``max_len``.
+T = ``seq_len`` (``data.seq_len``, else ``model.max_len``).
 """
 
 from __future__ import annotations
@@ -71,17 +71,23 @@ def render_all(conversations: Sequence[Messages], tokenizer: Tokenizer) -> ChatS
 # ----------------------------------------------------------------------------- packing
 
 
-def num_truncated(split: ChatSplit, max_len: int) -> int:
-    """Conversations longer than ``max_len + 1`` tokens, which packing cuts to that length."""
-    return int(np.count_nonzero(split.lengths > max_len + 1))
+def num_truncated(split: ChatSplit, seq_len: int) -> int:
+    """Conversations longer than ``seq_len + 1`` tokens, which packing cuts to that length."""
+    return int(np.count_nonzero(split.lengths > seq_len + 1))
 
 
-def _example(split: ChatSplit, max_len: int) -> Callable[[int], dict[str, np.ndarray]]:
+def num_without_answer(split: ChatSplit, seq_len: int) -> int:
+    """Conversations with no assistant token left among their first ``seq_len + 1`` (targets
+    1..seq_len): cutting them leaves nothing to learn from."""
+    return sum(not split[i][1][1 : seq_len + 1].any() for i in range(len(split)))
+
+
+def _example(split: ChatSplit, seq_len: int) -> Callable[[int], dict[str, np.ndarray]]:
     """Conversation index → its (cut) ``inputs``/``targets``/``weights`` [n - 1] triples."""
 
     def example(i: int) -> dict[str, np.ndarray]:
         ids, mask = split[int(i)]
-        ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+        ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
         return {
             "inputs": np.asarray(ids[:-1], np.int32),
             "targets": np.asarray(ids[1:], np.int32),
@@ -144,9 +150,16 @@ def sft_batches(
     t, rows = batching.seq_len, batching.rows
     _check_split(split, "train")
     if cut := num_truncated(split, t):
+        empty = num_without_answer(split, t)
+        if empty == len(split):
+            raise GptjaxError(
+                f"no train conversation has an assistant token within data.seq_len+1={t + 1} "
+                f"tokens (longest: {split.lengths.max():,}); raise data.seq_len"
+            )
         log(
-            f"{cut:,} of {len(split):,} train conversations are longer than model.max_len+1="
-            f"{t + 1} tokens and are cut to that length (longest: {split.lengths.max():,})"
+            f"{cut:,} of {len(split):,} train conversations are longer than data.seq_len+1="
+            f"{t + 1} tokens and are cut to that length (longest: {split.lengths.max():,}); "
+            f"{empty:,} lose every assistant token"
         )
     examples = (
         grain.MapDataset.range(len(split))

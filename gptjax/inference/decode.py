@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.errors import GptjaxError
-from gptjax.inference.sampling import SAMPLING, Sampling, sample_logits
+from gptjax.inference.sampling import NEG_INF, SAMPLING, Sampling, sample_logits
 from gptjax.model import GPT, KVCache, init_cache
 
 PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: one prefill compile per bucket
@@ -80,6 +80,7 @@ def _decode(
     ended: jax.Array,
     seeds: jax.Array,
     is_stop: jax.Array,
+    vocab_limit: jax.Array,
     temperature: jax.Array,
     top_p: jax.Array,
     *,
@@ -91,7 +92,8 @@ def _decode(
     """Decodes up to ``num_steps`` tokens per live row (fewer if every row is done).
 
     ``ended [B]`` bool: rows the host has ended; ``seeds [B]`` int32: per-row rng seeds;
-    ``is_stop [V]`` bool: ids that end a row.
+    ``is_stop [V]`` bool: ids that end a row; ``vocab_limit`` []: ids from it on are never
+    drawn (the model's vocabulary may be larger than its tokenizer's).
     """
     s = model.config.max_len
     rows = jnp.arange(state.tokens.shape[0])  # [B]
@@ -101,8 +103,9 @@ def _decode(
     def step(carry):
         st, i = carry
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, st.step)  # [B]
+        allowed = jnp.arange(st.logits.shape[-1]) < vocab_limit  # [V]
         token = sample_logits(
-            st.logits,
+            jnp.where(allowed, st.logits, NEG_INF),
             step_keys,
             temperature=0 if greedy else temperature,
             top_k=top_k,
@@ -163,6 +166,7 @@ def generate_batch(
     *,
     max_new_tokens: int,
     stop_ids: Sequence[int] = frozenset(),
+    vocab_limit: int | None = None,
     on_token: Callable[[int, int], Any] | None = None,
     stream_interval: float = STREAM_INTERVAL_S,
     **sampling: Unpack[Sampling],
@@ -173,6 +177,7 @@ def generate_batch(
       params: the model's ``params`` tree (plain arrays).
       prompts: B lists of token ids, of any lengths in 1..max_len.
       stop_ids: ids that end a row (kept as its last token).
+      vocab_limit: only ids below it are drawn (default: ``model.vocab_size``).
       on_token: ``on_token(row, token)`` is called for every new token, step by step, in
         order; returning True ends that row after this token. Decoding then runs in chunks
         of about ``stream_interval`` seconds (the first is one token); without a hook, in
@@ -195,6 +200,7 @@ def generate_batch(
         params,
         seeds=(opt["seed"] + np.arange(b)).astype(np.int32),
         is_stop=is_stop,
+        vocab_limit=np.int32(vocab_limit or c.vocab_size),
         temperature=np.float32(temperature),
         top_p=np.float32(top_p),
         model=model,

@@ -11,9 +11,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
+import jax
+import numpy as np
 from flax import linen as nn
 
 from gptjax import chat_template, checkpoint
+from gptjax.errors import GptjaxError
 from gptjax.inference.decode import generate_batch
 from gptjax.inference.sampling import Sampling
 from gptjax.model import GPT, abstract_params
@@ -81,6 +84,21 @@ class Generator:
         self.params = params
         self.tokenizer = tokenizer
 
+    def logits(self, token_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 logits ``[B, T, vocab_size]`` (the model's vocabulary, no padding columns) of
+        ``token_ids`` ``[B, T]`` ints: entry ``[b, t]`` scores the token after ``t``. Rows may
+        be right-padded: a position's logits depend only on the tokens up to it."""
+        ids = np.asarray(token_ids)
+        m = self.config.model
+        if ids.ndim != 2 or (ids.size and ids.dtype.kind not in "iu"):
+            raise GptjaxError(f"logits takes [B, T] int token ids, got {ids.dtype}{ids.shape}")
+        if ids.size and not 0 <= ids.min() <= ids.max() < m.vocab_size:
+            raise GptjaxError(f"token ids must be in [0, model.vocab_size={m.vocab_size})")
+        if ids.shape[1] > m.max_len:
+            raise GptjaxError(f"{ids.shape[1]} tokens exceed model.max_len={m.max_len}")
+        out = _forward(self.params, ids.astype(np.int32), model=self.model)
+        return np.asarray(out[..., : m.vocab_size], np.float32)
+
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -140,6 +158,7 @@ class Generator:
             ids,
             max_new_tokens=max_new_tokens,
             stop_ids=stop_ids,
+            vocab_limit=self.tokenizer.vocab_size,  # the model may have more rows
             on_token=hook,
             **{"temperature": DEFAULT_TEMPERATURE, **sampling},
         )
@@ -147,6 +166,11 @@ class Generator:
             for row, prompt, tokens in zip(rows, ids, out, strict=True):
                 row.ids = tokens[len(prompt) :]
         return [row.text() for row in rows]
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _forward(params, tokens: jax.Array, *, model: GPT) -> jax.Array:
+    return model.apply({"params": params}, tokens)  # [B, T, V]
 
 
 def load(path: str | Path) -> Generator:

@@ -9,6 +9,13 @@ held-out conversations, measured before the first step (step 0) and at every eva
 From the user's config it keeps everything but the model: the model section is the pretrained
 one, except ``model.dropout_rate`` and the LoRA settings (``model.lora_rank``,
 ``model.lora_alpha``; ``gptjax/lora.py``).
+
+``init_from`` may also be a Hugging Face model (a directory or ``hf:REPO_ID``): it is imported
+into ``WORKDIR/base-model`` first (``gptjax/hf.py``). A model that ships a chat template trains
+in its own format. One that has neither a template nor gptjax's chat tokens (a base model such
+as GPT-2) gets the tokens appended to its vocabulary; their embedding rows start at the mean
+embedding plus noise of the embeddings' own spread (so that each is distinct), and the run
+says so.
 """
 
 from __future__ import annotations
@@ -18,21 +25,28 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
 
-from gptjax import checkpoint, lora
-from gptjax.config import Config, validate
+from gptjax import checkpoint, hf, lora
+from gptjax.config import Config, ModelConfig, validate
 from gptjax.data import dialogues, sft
 from gptjax.errors import GptjaxError
+from gptjax.hf_tokenizer import HFTokenizer
 from gptjax.inference.generator import Generator
 from gptjax.metrics import Log, lead_only
+from gptjax.model import abstract_params
 from gptjax.tokenizer import Tokenizer
 from gptjax.training.loop import Task, batching, run
-from gptjax.workdir import TOKENIZER_FILE, read_workdir
+from gptjax.workdir import read_workdir
 
 
-def finetune_config(config: Config, base: Config, init_from: str | Path) -> Config:
-    """``config`` with the pretrained model's shape (dropout and LoRA may differ) and its
-    tokenizer."""
+def finetune_config(
+    config: Config, base: Config, init_from: str | Path, tokenizer: Tokenizer
+) -> Config:
+    """``config`` with the pretrained model's shape (dropout and LoRA may differ, and the
+    vocabulary grows with ``tokenizer``) and its tokenizer."""
     if base.model.lora_rank:
         raise GptjaxError(
             f"{init_from} holds a model with LoRA adapters (rank {base.model.lora_rank}); "
@@ -40,13 +54,12 @@ def finetune_config(config: Config, base: Config, init_from: str | Path) -> Conf
         )
     model = dataclasses.replace(
         base.model,
+        vocab_size=max(base.model.vocab_size, tokenizer.vocab_size),
         dropout_rate=config.model.dropout_rate,
         lora_rank=config.model.lora_rank,
         lora_alpha=config.model.lora_alpha,
     )
-    data = dataclasses.replace(
-        config.data, tokenizer=str(Path(init_from).absolute() / TOKENIZER_FILE)
-    )
+    data = dataclasses.replace(config.data, tokenizer=str(Path(init_from).absolute()))
     return dataclasses.replace(config, model=model, data=data)
 
 
@@ -56,9 +69,11 @@ def finetune(
     """Fine-tunes the model of ``init_from`` on ``config.data.source`` dialogues in
     ``workdir`` (resuming from its own checkpoints if any) and returns the final metrics."""
     validate(config)
-    base, tokenizer = read_workdir(init_from)
-    config = finetune_config(config, base, init_from)
     say = lead_only(log)
+    init_from = _local(init_from, workdir, say)
+    base, tokenizer = read_workdir(init_from)
+    tokenizer = _chat_ready(tokenizer, say)
+    config = finetune_config(config, base, init_from, tokenizer)
     chats = dialogues.load_dialogues(config.data, tokenizer, log=say)
     train, val = batching(config, tokenizer)
     task = Task(
@@ -69,7 +84,9 @@ def finetune(
         val_batches=sft.sft_eval_batches(
             chats.validation, val, num_batches=config.eval.num_batches
         ),
-        init_params=lambda fresh: pretrained_params(init_from, fresh),
+        init_params=lambda fresh: pretrained_params(
+            init_from, fresh, base.model, config.model.vocab_size
+        ),
         eval_at_start=True,
     )
     if config.eval.sample_tokens:
@@ -77,14 +94,72 @@ def finetune(
     return run(config, workdir, task, log=log)
 
 
-def pretrained_params(init_from: str | Path, fresh: dict) -> dict:
-    """The pretrained weights of ``init_from`` restored into the shardings of ``fresh`` (the
-    freshly initialised parameters), whose LoRA adapters, if any, are kept as initialised."""
-    base, adapters = lora.split(fresh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base
+def _local(init_from: str | Path, workdir: str | Path, say: Log) -> Path:
+    """``init_from`` as a gptjax model directory: a Hugging Face model is imported into
+    ``WORKDIR/base-model`` once (by process 0; the others wait for it)."""
+    if not hf.is_hf_source(init_from):
+        return Path(init_from)
+    target = Path(workdir) / "base-model"
+    if jax.process_index() == 0 and not (target / "config.json").is_file():
+        hf.import_hf(str(init_from), target, log=say)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gptjax-import")
+    return target
+
+
+def _chat_ready(tokenizer: Tokenizer, say: Log) -> Tokenizer:
+    """The tokenizer with a chat format: its own template, gptjax's tokens, or those added."""
+    if tokenizer.chat_template or tokenizer.chat_ids or not isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    extended = tokenizer.with_chat_tokens()
+    ids = extended.chat_ids
+    say(
+        f"the model has no chat template: gptjax's template adds <|system|>, <|user|>, "
+        f"<|assistant|>, <|end|> as ids {ids['system']}-{ids['end']}, their embeddings the "
+        f"mean embedding plus noise of its spread"
     )
-    return lora.combine(checkpoint.load_params(init_from, abstract), adapters)
+    return extended
+
+
+def pretrained_params(init_from: str | Path, fresh: dict, base: ModelConfig, vocab: int) -> dict:
+    """The pretrained weights of ``init_from`` (a model of config ``base``) in the shardings of
+    ``fresh`` (the freshly initialised parameters), whose LoRA adapters, if any, are kept as
+    initialised; the rows of ids the fine-tuned vocabulary of ``vocab`` adds (chat tokens) are
+    filled in."""
+    fresh_base, adapters = lora.split(fresh)
+    stored = nn.meta.unbox(abstract_params(base))["params"]
+    if jax.tree.map(lambda x: x.shape, stored) == jax.tree.map(lambda x: x.shape, fresh_base):
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh_base
+        )
+        params = checkpoint.load_params(init_from, abstract)
+    else:  # the padded vocabulary grew: pad on the host, then lay out like fresh
+        host = checkpoint.load_params(init_from, stored)
+        params = jax.tree.map(_pad_to, host, fresh_base)
+    return lora.combine(_new_token_rows(params, base.vocab_size, vocab), adapters)
+
+
+def _pad_to(host: np.ndarray, like: jax.Array) -> jax.Array:
+    padded = np.pad(host, [(0, n - h) for h, n in zip(host.shape, like.shape, strict=True)])
+    return jax.device_put(padded, like.sharding)
+
+
+def _new_token_rows(params: dict, old: int, new: int) -> dict:
+    """Embedding rows (and untied head columns) ``[old, new)`` set to the mean of the real ones
+    plus Gaussian noise of their per-dimension spread; seeded, so every process agrees."""
+    if old >= new:
+        return params
+    key = jax.random.key(0)
+
+    def fill(table: jax.Array) -> jax.Array:  # [V, D]
+        real = table[:old]
+        noise = jax.random.normal(key, (new - old, table.shape[1]), table.dtype)
+        return table.at[old:new].set(real.mean(0) + noise * real.std(0))
+
+    params = {**params, "embed": {"embedding": fill(params["embed"]["embedding"])}}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": fill(params["lm_head"]["kernel"].T).T}
+    return params
 
 
 def sample_chat(config: Config, params, tokenizer: Tokenizer, seed: int) -> str:

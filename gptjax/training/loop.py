@@ -91,7 +91,7 @@ def batching(config: Config, tokenizer: Tokenizer) -> tuple[Batching, Batching]:
     """How a task cuts its train and validation data: window length, padding, global batch
     sizes, and which rows of each global batch are this process's."""
     common = dict(
-        seq_len=config.model.max_len,
+        seq_len=config.seq_len,
         pad_id=tokenizer.pad_id,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -379,8 +379,9 @@ class _Loop:
         # Timed after the fetch: dispatch is asynchronous, the steps have only now finished.
         elapsed = time.time() - since
         if steps_done > 0 and elapsed > 0:
-            tokens = self.config.train.batch_size * self.config.model.max_len * steps_done
-            flops = flops_per_token(self.config.model, self.num_params) * tokens
+            tokens = self.config.train.batch_size * self.config.seq_len * steps_done
+            flops = flops_per_token(self.config.model, self.num_params, self.config.seq_len)
+            flops *= tokens
             metrics["tokens_per_sec"] = tokens / elapsed
             metrics["step_time_ms"] = 1000 * elapsed / steps_done
             metrics["tflops_per_sec"] = flops / elapsed / 1e12

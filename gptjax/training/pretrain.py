@@ -94,7 +94,7 @@ def dry_run(config: Config, *, log: Log = print) -> dict[str, float]:
     peak = mib["argument_bytes"] + mib["output_bytes"] - mib["alias_bytes"] + mib["temp_bytes"]
     log(
         f"model {config.model.preset}: {n:,} parameters, "
-        f"{flops_per_token(config.model, n) / 1e9:.3f} GFLOPs per trained token\n"
+        f"{flops_per_token(config.model, n, config.seq_len) / 1e9:.3f} GFLOPs per trained token\n"
         f"mesh data,fsdp,tensor={shape} over {plan['devices']} devices; per device:\n"
         f"  parameters        {mib['param_bytes']:10.1f} MiB\n"
         f"  optimizer state   {mib['opt_state_bytes']:10.1f} MiB\n"

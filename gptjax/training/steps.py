@@ -83,7 +83,7 @@ def init_state(
     """Fresh parameters, optimizer state and dropout key. Params stay boxed with their logical
     axis names, so ``jax.eval_shape`` of this function yields the sharding specs."""
     init_rng, dropout_rng = jax.random.split(rng)
-    tokens = jnp.zeros((1, config.model.max_len), jnp.int32)
+    tokens = jnp.zeros((1, 1), jnp.int32)  # shapes of the parameters do not depend on it
     params = model.init(init_rng, tokens)["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng
@@ -330,7 +330,7 @@ def memory_plan(config: Config, model: GPT, devices: list | None = None) -> dict
     compiler's own account (``compiled.memory_analysis()``) of arguments, outputs and
     temporaries."""
     plan = plan_sharded(config, model, devices)
-    b, t = config.train.batch_size, config.model.max_len
+    b, t = config.train.batch_size, config.seq_len
     batch = {
         "inputs": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=plan.batch_sharding),
         "targets": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=plan.batch_sharding),
