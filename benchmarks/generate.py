@@ -192,6 +192,7 @@ def _decode_seconds(params, model: GPT, prefill, batch: int, new_tokens: int) ->
             np.zeros(batch, bool),
             np.arange(batch, dtype=np.int32),
             np.zeros(model.config.padded_vocab_size, bool),
+            np.int32(model.config.vocab_size),
             np.float32(1.0),
             np.float32(1.0),
             model=model,
