@@ -490,8 +490,15 @@ def test_fine_tuning_an_imported_model_lowers_the_assistant_loss(
         n = HFTokenizer.load(hf_models[name]).vocab_size  # the 4 chat tokens come after
         assert gen.tokenizer.chat_ids["end"] == n + 3 and gen.config.model.vocab_size == n + 4
         assert (workdir / "base-model" / "export.json").is_file()
-    else:
+    else:  # the LoRA workdir exports as a plain model with the adapters merged
         assert gen.tokenizer.chat_template and gen.config.model.lora_rank == 4
+        out = hf.export_hf(workdir, workdir.parent / "lora-hf")
+        ids, mask = _padded_batch(gen.tokenizer.vocab_size)
+        with torch.no_grad():
+            want = _hf_model(out)(
+                torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))
+            ).logits.numpy()
+        _assert_logits_close(gen.logits(ids), want, mask)
     reply = gen.chat([{"role": "user", "content": "What is 7 squared?"}], temperature=0)
     assert isinstance(reply, str)
 
