@@ -62,7 +62,7 @@ UNREADABLE_DIR = "checkpoints-unreadable"  # where fallback moves checkpoints it
 # of these keeps every array restorable but changes what the run means, above all what the data
 # position (a count of global batches) points at; it needs checkpoint.allow_reshape=true.
 _MODEL_FIXED = "vocab_size vocab_multiple num_layers num_heads num_kv_heads embed_dim mlp_dim"
-_MODEL_FIXED += " max_len position norm activation tie_embeddings use_bias qkv_bias"
+_MODEL_FIXED += " max_len position norm activation tie_embeddings use_bias qkv_bias scan_layers"
 FIXED_FIELDS = tuple(f"model.{k}" for k in _MODEL_FIXED.split()) + (
     "train.batch_size",
     "train.seed",

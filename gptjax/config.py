@@ -43,7 +43,18 @@ class ModelConfig:
     tie_embeddings: bool = True
     use_bias: bool = True  # biases in linear and norm layers
     qkv_bias: bool = False  # biases on query/key/value even when use_bias is False (Qwen2)
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    # Compute dtype; parameters are always float32. "auto": bfloat16 on GPU and TPU, float32 on
+    # CPU (whose bfloat16 matmuls are slower than float32 ones).
+    dtype: str = "auto"
+    # nn.scan over the blocks: parameters stacked on a leading "layers" axis, one compiled
+    # block however deep the model (compile time stops growing with depth).
+    scan_layers: bool = False
+    # Rematerialisation of each block in the backward pass: "none", "full" (keep only the
+    # block's input), or a jax.checkpoint_policies name (dots_with_no_batch_dims_saveable, ...).
+    remat: str = "none"
+    # jax.nn.dot_product_attention's implementation: "xla", "cudnn" (NVIDIA GPU, bfloat16 or
+    # float16), or "auto" (cudnn where it can run, xla elsewhere).
+    attention_impl: str = "auto"
     # LoRA adapters on the attention and MLP matrices (gptjax/lora.py), for fine-tuning only:
     # `gptjax finetune --model.lora_rank=8` trains them with every pretrained weight frozen, and
     # `gptjax export` merges them into the weights. 0 = none.
@@ -71,6 +82,17 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = max(1, self.vocab_multiple)
         return m * math.ceil(self.vocab_size / m)
+
+
+# model.remat values: none, full, and jax.checkpoint_policies that need no arguments.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+    "everything_saveable",
+)
 
 
 def _preset(name: str, **kw: Any) -> ModelConfig:
@@ -142,6 +164,12 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 = off
     parallelism: str = "jit"  # "jit" (sharded over the mesh) or "pmap" (pure data parallel)
     log_every_steps: int = 10
+    # Optimizer steps per compiled call (one lax.scan): fewer host round trips. Must divide
+    # train.log_every_steps, eval.every_steps and checkpoint.every_steps (jit only).
+    steps_per_call: int = 1
+    # Peak FLOP/s of one device, for the model FLOPs utilisation (mfu) in the logs; 0 = the
+    # device's own figure where gptjax knows it (TPUs, NVIDIA GPUs), none on CPU.
+    peak_flops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +377,9 @@ def validate(config: Config) -> Config:
         ("model.position", m.position, ("learned", "rope")),
         ("model.norm", m.norm, ("layernorm", "rmsnorm")),
         ("model.activation", m.activation, ("gelu", "swiglu")),
-        ("model.dtype", m.dtype, ("float32", "bfloat16")),
+        ("model.dtype", m.dtype, ("auto", "float32", "bfloat16")),
+        ("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn")),
+        ("model.remat", m.remat, REMAT_POLICIES),
         ("data.tokenizer_type", d.tokenizer_type, ("bpe", "unigram", "char")),
         ("data.on_bad_record", d.on_bad_record, ("error", "skip")),
         ("train.parallelism", t.parallelism, ("jit", "pmap")),
@@ -361,6 +391,7 @@ def validate(config: Config) -> Config:
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
         ("train.grad_accum_steps", t.grad_accum_steps),
+        ("train.steps_per_call", t.steps_per_call),
         ("eval.num_batches", e.num_batches),
     ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
@@ -375,6 +406,20 @@ def validate(config: Config) -> Config:
         f"model.lora_alpha={m.lora_alpha} > 0",
     )
     _check(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    for key, every in [
+        ("train.log_every_steps", t.log_every_steps),
+        ("eval.every_steps", e.every_steps),
+        ("checkpoint.every_steps", config.checkpoint.every_steps),
+    ]:
+        _check(
+            every % t.steps_per_call == 0,
+            f"train.steps_per_call={t.steps_per_call} must divide {key}={every}; pick a "
+            f"divisor of it",
+        )
+    _check(
+        t.steps_per_call == 1 or t.parallelism == "jit",
+        f"train.steps_per_call={t.steps_per_call} needs train.parallelism='jit'",
+    )
     _check(
         t.batch_size % t.grad_accum_steps == 0,
         f"train.batch_size={t.batch_size} must be divisible by "

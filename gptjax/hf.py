@@ -50,7 +50,7 @@ from gptjax.hf_convert import (
 )
 from gptjax.hf_tokenizer import GENERATION_FILE, HFTokenizer, from_sentencepiece
 from gptjax.metrics import Log
-from gptjax.model import abstract_params
+from gptjax.model import abstract_params, stack_layers, unstack_layers
 from gptjax.tokenizer import SentencePieceTokenizer, Tokenizer
 from gptjax.workdir import CHECKPOINTS, read_workdir
 
@@ -164,7 +164,8 @@ def _check_vocab(m: ModelConfig, tokenizer: Tokenizer, log: Log) -> None:
 
 def read_params(directory: Path, m: ModelConfig, kind: str, dtype: str) -> dict:
     """The gptjax parameter tree of the checkpoint in ``directory``, tensor by tensor."""
-    shapes = _flat(nn.meta.unbox(abstract_params(m))["params"])
+    per_layer = dataclasses.replace(m, scan_layers=False)  # the name map is per layer
+    shapes = _flat(nn.meta.unbox(abstract_params(per_layer))["params"])
     shapes = {path: x.shape for path, x in shapes.items()}
     files = _weight_files(directory)
     tensors = {_stored_name(t.name, files): t for t in layout(m, kind)}
@@ -176,7 +177,8 @@ def read_params(directory: Path, m: ModelConfig, kind: str, dtype: str) -> dict:
                 flat.update(to_gptjax(tensors[name], value, shapes))
     if missing := sorted(set(shapes) - set(flat)):
         raise GptjaxError(f"{directory} lacks the weights for {missing[0]}; is it complete?")
-    return _unflat(flat)
+    tree = _unflat(flat)
+    return stack_layers(tree, m.num_layers) if m.scan_layers else tree
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
@@ -281,11 +283,13 @@ def export_hf(
         m = dataclasses.replace(m, lora_rank=0)
     kind = architecture(m)  # refuse before reading any weights
     params, config, tokenizer, step = exports.plain_params(workdir, step)
+    params = unstack_layers(params)  # the name map is per layer
     flat = {k: np.asarray(v).astype(jax.numpy.dtype(dtype)) for k, v in _flat(params).items()}
     if isinstance(tokenizer, SentencePieceTokenizer):
         tokenizer = from_sentencepiece(tokenizer)
     with _staged(out) as tmp:
-        _write_shards(tmp, layout(config.model, kind), flat, config.model, max_shard_bytes)
+        per_layer = dataclasses.replace(config.model, scan_layers=False)
+        _write_shards(tmp, layout(per_layer, kind), flat, config.model, max_shard_bytes)
         hf = hf_config(config.model, tokenizer.bos_id, tokenizer.eos_id, dtype)
         _write_json(tmp / "config.json", hf)
         _write_json(tmp / GENERATION_FILE, _generation_config(tokenizer))

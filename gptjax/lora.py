@@ -78,7 +78,8 @@ def combine(base: dict, adapters: dict) -> dict:
 
 def merge(params: dict, model: ModelConfig) -> dict:
     """Plain (numpy) parameters with every adapter folded into its kernel:
-    ``kernel + (alpha / r) * A @ B`` in float32, cast back to the kernel's dtype."""
+    ``kernel + (alpha / r) * A @ B`` in float32, cast back to the kernel's dtype (with
+    ``scan_layers``, layer by layer along the leading axis)."""
     scale = model.lora_alpha / model.lora_rank
 
     def walk(tree: dict) -> dict:
@@ -88,8 +89,10 @@ def merge(params: dict, model: ModelConfig) -> dict:
             kernel = np.asarray(plain["kernel"])
             a = np.asarray(plain.pop("lora_a"), np.float32)
             b = np.asarray(plain.pop("lora_b"), np.float32)
+            layers = a.ndim + b.ndim - 3 == kernel.ndim  # a [L, *IN, r], b [L, r, *OUT]
+            lead = (kernel.shape[0],) if layers else ()
             r = a.shape[-1]
-            delta = a.reshape(-1, r) @ b.reshape(r, -1)  # [IN, OUT]
+            delta = np.matmul(a.reshape(*lead, -1, r), b.reshape(*lead, r, -1))  # [.., IN, OUT]
             merged = kernel.astype(np.float32) + scale * delta.reshape(kernel.shape)
             plain["kernel"] = merged.astype(kernel.dtype)
         return {**out, **plain}

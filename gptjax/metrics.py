@@ -105,6 +105,33 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# Peak dense bfloat16 FLOP/s of one device (one chip; one GPU), the denominator of model FLOPs
+# utilisation. Sources: Google Cloud TPU system-architecture pages (v4: 275 TFLOP/s; v5e: 197;
+# v5p: 459; Trillium v6e: 918); NVIDIA data sheets, dense (no sparsity): A100 312, H100 SXM
+# 989 (H100 PCIe 756), H200 989, L4 121; T4 has no bfloat16 tensor cores: its FP16 peak, 65.
+# Matched against jax's ``device_kind`` in order, first substring wins.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("A100", 312e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("L4", 121e12),
+    ("T4", 65e12),
+)
+
+
+def peak_flops(device_kind: str) -> float:
+    """Peak dense FLOP/s of a device kind from ``PEAK_FLOPS``; 0.0 when unknown (CPUs)."""
+    return next((peak for name, peak in PEAK_FLOPS if name in device_kind), 0.0)
+
+
 def flops_per_token(model: ModelConfig, num_params: int, seq_len: int) -> float:
     """Training FLOPs per token of rows of ``seq_len`` tokens: 6N for the matmuls plus 12·L·T·D
     for attention scores (PaLM appendix B; nanoGPT's ``estimate_mfu``)."""

@@ -62,6 +62,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from gptjax.config import ModelConfig
@@ -98,7 +99,19 @@ def _constrain(x: Array, names: tuple) -> Array:
 
 
 def _dtype(config: ModelConfig) -> jnp.dtype:
+    """The compute dtype; ``"auto"``: bfloat16 on accelerators, float32 on CPU."""
+    if config.dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(config.dtype)
+
+
+def attention_implementation(config: ModelConfig) -> str:
+    """``model.attention_impl`` for this backend: "auto" is cudnn on an NVIDIA GPU computing in
+    bfloat16 or float16 (cuDNN's fused attention), xla elsewhere."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    fused = jax.default_backend() == "gpu" and _dtype(config) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if fused else "xla"
 
 
 class Linear(nn.Module):
@@ -221,8 +234,9 @@ def causal_segment_mask(segment_ids: Array) -> Array:
     return (causal & same)[:, None]  # [B, 1, T, S]
 
 
-def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+def attend(q: Array, k: Array, v: Array, mask: Array | None, impl: str = "xla") -> Array:
+    """Scaled dot-product attention through ``jax.nn.dot_product_attention`` (``impl``: its
+    ``implementation``, "xla" or "cudnn").
 
     Args:
       q: ``[B, T, H, K]``; k, v: ``[B, S, G, K]`` with G dividing H (query head n uses kv head
@@ -235,8 +249,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     this model has none (GPT-2 had it); dropout acts on the residual branches instead.
     """
     if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def cache_windows(cache_len: int) -> list[int]:
@@ -330,7 +344,7 @@ class Attention(nn.Module):
         names = ("batch", "length", "heads", "kv")
         q, k, v = (_constrain(a, names) for a in (q, k, v))
         if cache is None:
-            y = attend(q, k, v, mask)  # [B, T, H, K]
+            y = attend(q, k, v, mask, attention_implementation(c))  # [B, T, H, K]
         else:
             cache = _write_cache(cache, k, v, positions)
             y = attend_cache(q, *cache, positions)  # [B, T, H, K]
@@ -362,21 +376,18 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + drop(attn(ln_1(x)))``, then ``x + drop(mlp(ln_2(x)))``
-    (dropout on each residual branch, as GPT-2's resid_pdrop)."""
+    (dropout on each residual branch, as GPT-2's resid_pdrop). ``(x, cache) -> (x, cache)``:
+    the form ``nn.scan`` runs over layers."""
 
     config: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
-        self,
-        x: Array,
-        positions: Array,
-        mask: Array | None,
-        deterministic: bool,
-        cache: LayerCache = None,
+        self, x: Array, positions: Array, mask: Array | None, cache: LayerCache = None
     ) -> tuple[Array, LayerCache]:
         c = self.config
-        drop = nn.Dropout(c.dropout_rate, deterministic=deterministic)
+        drop = nn.Dropout(c.dropout_rate, deterministic=self.deterministic)
         y, cache = Attention(c, name="attn")(_norm(c, "ln_1")(x), positions, mask, cache)
         x = _constrain(x + drop(y), ("batch", "length", "act_embed"))
         x = x + drop(MLP(c, name="mlp")(_norm(c, "ln_2")(x)))
@@ -444,11 +455,7 @@ class GPT(nn.Module):
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         x = _constrain(x, ("batch", "length", "act_embed"))
         mask = None if segment_ids is None else causal_segment_mask(segment_ids)
-        new_cache = []
-        for i in range(c.num_layers):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = Block(c, name=f"h_{i}")(x, positions, mask, deterministic, layer_cache)
-            new_cache.append(layer_cache)
+        x, new_cache = _blocks(c, x, positions, mask, deterministic, cache)
         x = _norm(c, "ln_f")(x)  # [B, T, D] compute dtype
         if c.tie_embeddings:  # one 2-D matmul (see Linear), accumulated in float32
             # Contracting D of the [V, D] table directly: written as x @ table.T, XLA:CPU
@@ -475,7 +482,64 @@ class GPT(nn.Module):
             real = jnp.arange(v) < c.vocab_size  # [V]
             logits = jnp.where(real, logits, jnp.float32(PADDED_LOGIT))
         logits = _constrain(logits, ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, tuple(new_cache))
+        return logits if cache is None else (logits, new_cache)
+
+
+def _block_class(config: ModelConfig) -> type[nn.Module]:
+    """``Block``, rematerialised in the backward pass as ``model.remat`` says."""
+    if config.remat == "none":
+        return Block
+    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    # prevent_cse is for remat outside a loop; under nn.scan it only blocks optimisations.
+    return nn.remat(Block, policy=policy, prevent_cse=not config.scan_layers)
+
+
+def _blocks(c: ModelConfig, x, positions, mask, deterministic: bool, cache):
+    """The ``num_layers`` blocks: a Python loop (parameters ``h_0``, ``h_1``, ...; a cache is a
+    tuple of per-layer pairs) or, with ``scan_layers``, one ``nn.scan`` (parameters ``h`` with
+    a leading layers axis; a cache is one pair of ``[L, ...]`` arrays). Returns ``(x, cache)``.
+    """
+    block = _block_class(c)
+    if c.scan_layers:
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),  # positions, mask, the layer's cache
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        return scanned(c, deterministic, name="h")(x, positions, mask, cache)
+    new_cache = []
+    for i in range(c.num_layers):
+        layer_cache = None if cache is None else cache[i]
+        x, layer_cache = block(c, deterministic, name=f"h_{i}")(x, positions, mask, layer_cache)
+        new_cache.append(layer_cache)
+    return x, tuple(new_cache)
+
+
+def layer_axes(path: tuple) -> int:
+    """1 for a parameter under ``scan_layers``' stacked ``h`` (a leading layers axis), else 0;
+    ``path`` is a ``jax.tree_util`` key path from the parameter tree's root."""
+    return int(bool(path) and getattr(path[0], "key", None) == "h")
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-layer parameters (``h_0`` ... ``h_{L-1}``) → the ``scan_layers`` tree (``h``, each
+    leaf with a leading ``[L]`` axis)."""
+    layers = [params[f"h_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("h_")}
+    return {**rest, "h": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of ``stack_layers``."""
+    if "h" not in params:
+        return params
+    num_layers = jax.tree.leaves(params["h"])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "h"}
+    layers = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(num_layers)}
+    return {**rest, **layers}
 
 
 def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
@@ -498,8 +562,12 @@ def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
 
 
 def init_cache(config: ModelConfig, batch_size: int) -> KVCache:
-    """An empty ``KVCache``: per layer (k, v) zeros ``[B*G, max_len, K]``, compute dtype."""
+    """An empty ``KVCache``: per layer (k, v) zeros ``[B*G, max_len, K]``, compute dtype; with
+    ``scan_layers`` one pair of ``[L, B*G, max_len, K]``."""
     shape = (batch_size * config.kv_heads, config.max_len, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.num_layers, *shape)
+        return (jnp.zeros(stacked, _dtype(config)), jnp.zeros(stacked, _dtype(config)))
     zeros = functools.partial(jnp.zeros, shape, _dtype(config))
     return tuple((zeros(), zeros()) for _ in range(config.num_layers))
 

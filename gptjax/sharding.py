@@ -41,6 +41,7 @@ LOGICAL_RULES = (
     ("act_embed", None),
     ("length", None),
     ("kv", None),
+    ("layers", None),  # the stacked axis of model.scan_layers: every device holds every layer
 )
 
 
@@ -94,6 +95,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """``[k, B, T]``: k batches of ``batch_sharding`` stacked (``train.steps_per_call``)."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
 def logical_shardings(abstract_tree, mesh: Mesh):
     """NamedShardings for a tree of (possibly boxed) abstract arrays, via ``LOGICAL_RULES``.
 
@@ -119,3 +125,12 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def global_batches(local: list[dict[str, np.ndarray]], mesh: Mesh) -> dict[str, jax.Array]:
+    """``global_batch`` of k host-local batches stacked into ``[k, B, T]`` arrays."""
+    sharding = stacked_batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.stack([b[k] for b in local]))
+        for k in local[0]
+    }

@@ -373,3 +373,43 @@ def test_user_errors():
         M.count_params(dataclasses.replace(GPT2_STYLE, vocab_size=0))
     with pytest.raises(ValueError, match="exceeds model.max_len=32"):
         M.GPT(GPT2_STYLE).init(jax.random.key(0), _tokens((1, 33)))
+
+
+# ---------------------------------------------------------------- scan over layers, remat
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(scan_layers=True),
+        dict(remat="full"),
+        dict(scan_layers=True, remat="dots_with_no_batch_dims_saveable"),
+    ],
+)
+@pytest.mark.parametrize("style", STYLES)
+def test_scan_and_remat_compute_what_the_plain_model_computes(style, variant):
+    """Same parameters (stacked for the scan), same logits and gradients; the stacked tree has
+    a leading layers axis named "layers"; the KV cache decodes the same."""
+    plain = STYLES[style]
+    other = dataclasses.replace(plain, **variant)
+    params = _random_params(plain)["params"]
+    theirs = M.stack_layers(params, plain.num_layers) if other.scan_layers else params
+    tokens = _tokens((2, 16))
+
+    def loss(config, p):
+        return jnp.sum(M.GPT(config).apply({"params": p}, tokens)[..., :100] ** 2)
+
+    np.testing.assert_allclose(
+        _forward(other, {"params": theirs}, tokens),
+        _forward(plain, {"params": params}, tokens),
+        atol=2e-5,
+    )
+    grads = jax.grad(functools.partial(loss, other))(theirs)
+    grads = M.unstack_layers(grads) if other.scan_layers else grads
+    reference = jax.grad(functools.partial(loss, plain))(params)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    if other.scan_layers:
+        boxed = M.abstract_params(other)["params"]["h"]["mlp"]["up"]["kernel"]
+        assert boxed.names[0] == "layers" and boxed.value.shape[0] == plain.num_layers
+        assert M.unstack_layers(theirs).keys() == params.keys()

@@ -83,3 +83,67 @@ def test_tiny_experiment_loss_falls_and_evaluates(tmp_path):
     assert final["val_loss"] == pytest.approx(val[-1]["val_loss"])
     assert (tmp_path / "config.json").is_file() and (tmp_path / "tokenizer.model").is_file()
     assert list((tmp_path / "tb").iterdir()), "TensorBoard event file missing"
+
+
+def test_several_steps_per_call_equal_one_at_a_time(tmp_path):
+    """train.steps_per_call=4: the same losses (to float32 rounding), each step logged once,
+    and an MFU figure when the device's peak is given."""
+    base = ["--train.steps=12", "--train.log_every_steps=4", "--eval.every_steps=0"]
+    base += ["--eval.sample_tokens=0", "--mesh.data=8"]
+    one = apply_overrides(load_experiment("tiny"), base)
+    four = apply_overrides(one, ["--train.steps_per_call=4", "--train.peak_flops=1e12"])
+    pretrain(one, tmp_path / "one")
+    pretrain(four, tmp_path / "four")
+    losses = [
+        [(r["step"], r["train_loss"]) for r in read_metrics(tmp_path / w) if "train_loss" in r]
+        for w in ("one", "four")
+    ]
+    assert [s for s, _ in losses[1]] == [4, 8, 12]
+    np.testing.assert_allclose([x for _, x in losses[1]], [x for _, x in losses[0]], rtol=1e-5)
+    mfu = [r["mfu"] for r in read_metrics(tmp_path / "four") if "mfu" in r]
+    assert len(mfu) == 2 and all(0 < x < 1 for x in mfu), mfu  # the first window has no time
+    with pytest.raises(ValueError, match="train.steps_per_call=3 must divide train.log_every"):
+        pretrain(apply_overrides(one, ["--train.steps_per_call=3"]), tmp_path / "bad")
+
+
+def test_bfloat16_training_follows_float32(tmp_path):
+    """50 steps of the tiny experiment computing in bfloat16 end within 2% of float32's loss."""
+    overrides = ["--train.steps=50", "--eval.every_steps=0", "--eval.sample_tokens=0"]
+    overrides += ["--train.log_every_steps=50"]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = apply_overrides(load_experiment("tiny"), [*overrides, f"--model.dtype={dtype}"])
+        pretrain(config, tmp_path / dtype)
+        losses[dtype] = read_metrics(tmp_path / dtype)[-2]["train_loss"]  # [-1]: val
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02), losses
+    assert losses["float32"] < 5.5  # it trained (from ~6.3)
+
+
+def test_cudnn_attention_needs_a_gpu(tmp_path):
+    config = apply_overrides(load_experiment("tiny"), ["--model.attention_impl=cudnn"])
+    with pytest.raises(ValueError, match="model.attention_impl='cudnn' needs an NVIDIA GPU"):
+        pretrain(config, tmp_path)
+
+
+def test_flops_per_token_matches_the_compiled_step():
+    """metrics.flops_per_token (6N + 12·L·T·D) against XLA's own count of the compiled train
+    step's floating-point operations, within 10%."""
+    import jax.numpy as jnp
+
+    from gptjax.metrics import flops_per_token
+    from gptjax.model import count_params
+    from gptjax.training.steps import plan_sharded
+
+    model = dataclasses.replace(TINY, embed_dim=256, num_heads=4, vocab_size=512, max_len=128)
+    config = dataclasses.replace(_config(batch_size=8), model=model)
+    plan = plan_sharded(config, GPT(model), jax.devices()[:1])
+    shape = (8, model.max_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=plan.batch_sharding)
+        for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))
+    }
+    with plan.context():
+        cost = plan.train.lower(plan.abstract_state, batch).compile().cost_analysis()
+    xla = cost["flops"] / (8 * model.max_len)
+    ours = flops_per_token(model, count_params(model), model.max_len)
+    assert ours == pytest.approx(xla, rel=0.10), (ours, xla)

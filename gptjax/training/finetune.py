@@ -7,8 +7,9 @@ the same loop as pretraining with a fresh optimizer. ``val_loss`` is the assista
 held-out conversations, measured before the first step (step 0) and at every evaluation.
 
 From the user's config it keeps everything but the model: the model section is the pretrained
-one, except ``model.dropout_rate`` and the LoRA settings (``model.lora_rank``,
-``model.lora_alpha``; ``gptjax/lora.py``).
+one, except what does not change the weights — dropout, the LoRA adapters (``gptjax/lora.py``)
+and how the model runs (``model.dtype``, ``remat``, ``attention_impl``, ``scan_layers``; the
+pretrained parameters are stacked or unstacked to match).
 
 ``init_from`` may also be a Hugging Face model (a directory or ``hf:REPO_ID``): it is imported
 into ``WORKDIR/base-model`` first (``gptjax/hf.py``). A model that ships a chat template trains
@@ -36,10 +37,21 @@ from gptjax.errors import GptjaxError
 from gptjax.hf_tokenizer import HFTokenizer
 from gptjax.inference.generator import Generator
 from gptjax.metrics import Log, lead_only
-from gptjax.model import abstract_params
+from gptjax.model import abstract_params, stack_layers, unstack_layers
 from gptjax.tokenizer import Tokenizer
 from gptjax.training.loop import Task, batching, run
 from gptjax.workdir import read_workdir
+
+# The model fields a fine-tuning config sets (none of them changes what the weights mean).
+FROM_FINETUNE_CONFIG = (
+    "dropout_rate",
+    "lora_rank",
+    "lora_alpha",
+    "dtype",
+    "remat",
+    "attention_impl",
+    "scan_layers",
+)
 
 
 def finetune_config(
@@ -52,13 +64,9 @@ def finetune_config(
             f"{init_from} holds a model with LoRA adapters (rank {base.model.lora_rank}); "
             f"`gptjax export` it first (that merges them) and fine-tune from the export"
         )
-    model = dataclasses.replace(
-        base.model,
-        vocab_size=max(base.model.vocab_size, tokenizer.vocab_size),
-        dropout_rate=config.model.dropout_rate,
-        lora_rank=config.model.lora_rank,
-        lora_alpha=config.model.lora_alpha,
-    )
+    ours = {key: getattr(config.model, key) for key in FROM_FINETUNE_CONFIG}
+    vocab = max(base.model.vocab_size, tokenizer.vocab_size)
+    model = dataclasses.replace(base.model, vocab_size=vocab, **ours)
     data = dataclasses.replace(config.data, tokenizer=str(Path(init_from).absolute()))
     return dataclasses.replace(config, model=model, data=data)
 
@@ -133,8 +141,10 @@ def pretrained_params(init_from: str | Path, fresh: dict, base: ModelConfig, voc
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), fresh_base
         )
         params = checkpoint.load_params(init_from, abstract)
-    else:  # the padded vocabulary grew: pad on the host, then lay out like fresh
-        host = checkpoint.load_params(init_from, stored)
+    else:  # another layer layout or a larger padded vocabulary: on the host, then lay out
+        host = unstack_layers(checkpoint.load_params(init_from, stored))
+        if "h" in fresh_base:
+            host = stack_layers(host, base.num_layers)
         params = jax.tree.map(_pad_to, host, fresh_base)
     return lora.combine(_new_token_rows(params, base.vocab_size, vocab), adapters)
 

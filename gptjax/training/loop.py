@@ -21,6 +21,7 @@ Fault tolerance (see ``gptjax/checkpoint.py`` for what a checkpoint holds):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -39,7 +40,7 @@ from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.data.pipeline import Batching
 from gptjax.errors import GptjaxError, TrainingDiverged
-from gptjax.metrics import Log, MetricsWriter, flops_per_token, lead_only
+from gptjax.metrics import Log, MetricsWriter, flops_per_token, lead_only, peak_flops
 from gptjax.model import GPT, abstract_params, count_params
 from gptjax.tokenizer import Tokenizer
 from gptjax.training.steps import Steps, compile_steps
@@ -73,6 +74,16 @@ def preflight(config: Config) -> tuple[int, int, int]:
         raise GptjaxError(
             f"train.batch_size={t.batch_size} must be divisible by the "
             f"{jax.process_count()} processes"
+        )
+    if m.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise GptjaxError(
+            f"model.attention_impl='cudnn' needs an NVIDIA GPU, and this run is on "
+            f"{jax.default_backend()}; use model.attention_impl='auto' or 'xla'"
+        )
+    if m.attention_impl == "cudnn" and m.dtype not in ("auto", "bfloat16"):
+        raise GptjaxError(
+            f"model.attention_impl='cudnn' runs in bfloat16, but model.dtype={m.dtype!r}; set "
+            f"model.dtype='bfloat16' (or 'auto'), or model.attention_impl='xla'"
         )
     for key, value in [
         ("model.num_heads", m.num_heads),
@@ -248,11 +259,17 @@ class _Loop:
     t0: float
     writer: MetricsWriter | None = None  # opened once the resumed step is known
     bar: tqdm | None = None
+    tick: tuple[float, int] = (0.0, 0)  # (time, step) where the throughput window starts
     pending: list = dataclasses.field(default_factory=list)  # [(step, metrics)] not yet read
 
     @property
     def pmap(self) -> bool:
         return self.config.train.parallelism == "pmap"
+
+    @functools.cached_property
+    def peak_flops(self) -> float:
+        """One device's peak FLOP/s: ``train.peak_flops``, else the device's known figure."""
+        return self.config.train.peak_flops or peak_flops(jax.devices()[0].device_kind)
 
     def resume(self, state):
         """The latest complete checkpoint restored into ``state``'s layout, else ``state``."""
@@ -270,8 +287,8 @@ class _Loop:
         return restored
 
     def train(self, state, stop: _StopSignals) -> tuple[Any, dict[str, Any]]:
-        t, c, e = self.config.train, self.config.checkpoint, self.config.eval
-        start = _host_step(state)
+        t = self.config.train
+        start = step = _host_step(state)
         self.bar = tqdm(
             total=t.steps,
             initial=start,
@@ -286,41 +303,54 @@ class _Loop:
             self.note(f"already at step {start} of train.steps={t.steps}; nothing to train")
         if self.task.eval_at_start and start == 0:
             final.update(self.evaluate(state, 0))
-        tick, tick_step = time.time(), start
-        sync_every = 1 if jax.process_count() == 1 else t.log_every_steps
-        for step in range(start + 1, t.steps + 1):
-            state, metrics = self.steps.train(
-                state, self.steps.put_batch(next(self.task.train_iterator))
-            )
-            self.pending.append((step, metrics))
-            if step == start + 1:
-                jax.block_until_ready(metrics)
-                self.note(
-                    f"step {step}: compiled and ran the first step in {time.time() - self.t0:.1f}s"
-                )
-                tick, tick_step = time.time(), step
-            last = step == t.steps
-            if step % t.log_every_steps == 0 or last:
-                final.update(self.log_train(step, tick, step - tick_step))
-                tick, tick_step = time.time(), step
-            signal_name = stop.agreed(step, sync_every)
-            if signal_name and not last:
-                final.update(self.stop(state, step, signal_name))
+        while step < t.steps:
+            state, done = self.advance(state, step)
+            if step == start:
+                jax.block_until_ready(state.step)
+                took = time.time() - self.t0
+                self.note(f"step {done}: compiled and ran the first call in {took:.1f}s")
+                self.tick = (time.time(), done)
+            self.bar.update(done - step)
+            step = done
+            if self.after(state, step, stop, final):
                 break
-            val_loss = None
-            if (e.every_steps and step % e.every_steps == 0) or last:
-                final.update(self.evaluate(state, step))
-                val_loss, tick = final["val_loss"], time.time()
-            if (
-                last
-                or (c.every_steps and step % c.every_steps == 0)
-                or (c.keep_best and val_loss is not None)
-            ):
-                self.save(state, step, val_loss)
-            self.bar.update(1)
         self.bar.close()
         final["wall_time_s"] = time.time() - self.t0
         return state, final
+
+    def advance(self, state, step: int) -> tuple[Any, int]:
+        """Runs the steps after ``step``: ``train.steps_per_call`` of them in one compiled call
+        when ``step`` is a multiple of it and they all fit, else one. Returns the new step."""
+        k, it = self.config.train.steps_per_call, self.task.train_iterator
+        if k == 1 or step % k or step + k > self.config.train.steps:
+            state, metrics = self.steps.train(state, self.steps.put_batch(next(it)))
+            self.pending.append(([step + 1], jax.tree.map(lambda m: m[None], metrics)))
+            return state, step + 1
+        batches = self.steps.put_batches([next(it) for _ in range(k)])
+        state, metrics = self.steps.train_many(state, batches)  # each metric [k]
+        self.pending.append((list(range(step + 1, step + k + 1)), metrics))
+        return state, step + k
+
+    def after(self, state, step: int, stop: _StopSignals, final: dict[str, Any]) -> bool:
+        """Logs, evaluates, checkpoints as due at ``step``; True when a signal ends the run."""
+        t, c, e = self.config.train, self.config.checkpoint, self.config.eval
+        last = step == t.steps
+        if step % t.log_every_steps == 0 or last:
+            final.update(self.log_train(step))
+        sync_every = 1 if jax.process_count() == 1 else t.log_every_steps
+        signal_name = stop.agreed(step, sync_every)
+        if signal_name and not last:
+            final.update(self.stop(state, step, signal_name))
+            return True
+        val_loss = None
+        if (e.every_steps and step % e.every_steps == 0) or last:
+            final.update(self.evaluate(state, step))
+            val_loss = final["val_loss"]
+            self.tick = (time.time(), step)  # evaluation time is not training throughput
+        keep = c.keep_best and val_loss is not None
+        if last or (c.every_steps and step % c.every_steps == 0) or keep:
+            self.save(state, step, val_loss)
+        return False
 
     def read_metrics(self) -> dict[str, float]:
         """Fetches the metrics of the steps run since the last call; raises at the first step
@@ -328,12 +358,13 @@ class _Loop:
         if not self.pending:
             return {}
         values = jax.device_get([m for _, m in self.pending])
-        for (step, _), m in zip(self.pending, values, strict=True):
+        for (steps, _), m in zip(self.pending, values, strict=True):
             for key in ("train_loss", "grad_norm"):
-                if not math.isfinite(float(m[key])):
-                    self.halt(f"{key} is {float(m[key])} at step {step}")
+                for step, value in zip(steps, m[key], strict=True):
+                    if not math.isfinite(float(value)):
+                        self.halt(f"{key} is {float(value)} at step {step}")
         self.pending.clear()
-        return {k: float(v) for k, v in values[-1].items()}
+        return {k: float(v[-1]) for k, v in values[-1].items()}
 
     def halt(self, what: str) -> None:
         latest = self.ckpt.latest_step()
@@ -374,17 +405,21 @@ class _Loop:
         )
         return {"stopped_at_step": step, "stopped_by": signal_name}
 
-    def log_train(self, step: int, since: float, steps_done: int) -> dict[str, float]:
+    def log_train(self, step: int) -> dict[str, float]:
         metrics = self.read_metrics()
         # Timed after the fetch: dispatch is asynchronous, the steps have only now finished.
-        elapsed = time.time() - since
+        since, since_step = self.tick
+        elapsed, steps_done = time.time() - since, step - since_step
         if steps_done > 0 and elapsed > 0:
-            tokens = self.config.train.batch_size * self.config.seq_len * steps_done
-            flops = flops_per_token(self.config.model, self.num_params, self.config.seq_len)
-            flops *= tokens
+            c = self.config
+            tokens = c.train.batch_size * c.seq_len * steps_done
+            flops = flops_per_token(c.model, self.num_params, c.seq_len) * tokens / elapsed
             metrics["tokens_per_sec"] = tokens / elapsed
             metrics["step_time_ms"] = 1000 * elapsed / steps_done
-            metrics["tflops_per_sec"] = flops / elapsed / 1e12
+            metrics["tflops_per_sec"] = flops / 1e12
+            if self.peak_flops:  # model FLOPs utilisation, of all devices together
+                metrics["mfu"] = flops / (jax.device_count() * self.peak_flops)
+        self.tick = (time.time(), step)
         self.writer.write(step, **metrics)
         self.bar.set_postfix(
             loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}"

@@ -28,7 +28,7 @@ from flax import linen as nn
 from gptjax import lora as lora_lib
 from gptjax import sharding
 from gptjax.config import Config, TrainConfig
-from gptjax.model import GPT
+from gptjax.model import GPT, layer_axes
 from gptjax.sharding import PMAP_AXIS
 
 Batch = dict[str, jax.Array]
@@ -59,7 +59,12 @@ def make_optimizer(train: TrainConfig, lora: bool = False) -> optax.GradientTran
 
     With ``lora``, only the LoRA adapters train (``gptjax/lora.py``): every other parameter gets
     a zero update and no optimizer state, and the clipping norm is the adapters'."""
-    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
+
+    def decay_mask(params):  # matrices, counted per layer (scan_layers stacks a layers axis)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim - layer_axes(path) >= 2, params
+        )
+
     adamw = optax.adamw(
         lr_schedule(train),
         b1=train.beta1,
@@ -157,6 +162,12 @@ def train_step(
     return apply_update(state, grads, loss, weight, tx=tx, schedule=schedule)
 
 
+def train_steps(state: TrainState, batches: Batch, **kw) -> tuple[TrainState, dict[str, jax.Array]]:
+    """``train_step`` on each of ``batches`` (every leaf ``[k, B, T]``) in turn, as one
+    ``lax.scan``: k optimizer steps in one compiled call, metrics stacked ``[k]``."""
+    return jax.lax.scan(functools.partial(train_step, **kw), state, batches)
+
+
 def pmap_train_step(
     state: TrainState, batch: Batch, *, model: GPT, tx, schedule, accum: int, dropout: bool
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -180,7 +191,9 @@ class Steps:
     """Compiled step functions and the layout they expect.
 
     ``put_batch`` turns a host-local numpy batch into what ``train``/``eval`` take;
-    ``params`` extracts plain (unboxed, unreplicated) parameters from a state.
+    ``params`` extracts plain (unboxed, unreplicated) parameters from a state. With
+    ``train.steps_per_call`` = k > 1, ``train_many`` takes k batches stacked by ``put_batches``
+    and runs k steps in one call (``train_steps``); otherwise it is None.
     """
 
     state: TrainState
@@ -189,6 +202,8 @@ class Steps:
     put_batch: Callable[[dict], Batch]
     params: Callable[[TrainState], Any]
     mesh: jax.sharding.Mesh | None = None
+    train_many: Callable[[TrainState, Batch], tuple[TrainState, dict]] | None = None
+    put_batches: Callable[[list[dict]], Batch] | None = None
 
 
 def _step_kwargs(config: Config, model: GPT) -> dict[str, Any]:
@@ -212,6 +227,7 @@ class ShardedPlan:
     init: Callable[[jax.Array], TrainState]
     train: Callable[[TrainState, Batch], tuple[TrainState, dict]]
     eval: Callable[[Any, Batch], tuple[jax.Array, jax.Array]]
+    train_many: Callable[[TrainState, Batch], tuple[TrainState, dict]]
 
     @contextlib.contextmanager
     def context(self):
@@ -250,6 +266,12 @@ def plan_sharded(config: Config, model: GPT, devices: list | None = None) -> Sha
             functools.partial(eval_step, model=model),
             in_shardings=(state_sharding.params, batch_sharding),
         ),
+        train_many=jax.jit(  # compiled only if called (train.steps_per_call > 1)
+            functools.partial(train_steps, **kw),
+            donate_argnums=0,
+            in_shardings=(state_sharding, sharding.stacked_batch_sharding(mesh)),
+            out_shardings=(state_sharding, None),
+        ),
     )
 
 
@@ -278,6 +300,7 @@ def compile_steps(
     state = in_context(plan.init)(rng)
     if init_params is not None:
         state = state.replace(params=init_params(state.params))
+    many = config.train.steps_per_call > 1
     return Steps(
         state=state,
         train=in_context(plan.train),
@@ -285,6 +308,8 @@ def compile_steps(
         put_batch=lambda b: sharding.global_batch(b, plan.mesh),
         params=lambda s: s.params,
         mesh=plan.mesh,
+        train_many=in_context(plan.train_many) if many else None,
+        put_batches=(lambda bs: sharding.global_batches(bs, plan.mesh)) if many else None,
     )
 
 
