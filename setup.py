@@ -33,6 +33,7 @@ setup(
         "safetensors>=0.4.5,<1",
         "tokenizers>=0.21,<1",
         "jinja2>=3.1",
+        "matplotlib>=3.8",  # curves.png, gptjax plot
     ],
     extras_require={
         # transformers + torch are the reference that tests/test_hf.py compares against;
@@ -45,6 +46,10 @@ setup(
             "torch==2.13.0",
             "transformers>=4.50",
             "huggingface_hub>=0.25",
+            # tests/test_notebooks.py executes notebooks/*.ipynb
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
         # `gptjax import hf:REPO_ID` downloads with huggingface_hub.
         "hf": ["huggingface_hub>=0.25"],

@@ -38,6 +38,8 @@ _PUBLIC = {
     "Generator": "gptjax.inference.generator",
     "load": "gptjax.inference.generator",
     "ChatSession": "gptjax.inference.session",
+    "plot": "gptjax.curves",
+    "read_curves": "gptjax.curves",
 }
 
 __all__ = sorted(_PUBLIC)

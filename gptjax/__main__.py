@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--max-shard-size", type=float, default=5.0, help="GB per safetensors file (hf)"
     )
+    plot = sub.add_parser("plot", help="draw the loss, learning rate and speed of runs (PNG)")
+    plot.add_argument("--workdir", action="append", required=True, help="repeat to compare")
+    plot.add_argument("--out", default=None, help="default: WORKDIR/curves.png for one run")
     imp = sub.add_parser("import", help="import a Hugging Face model (GPT-2, LLaMA, Qwen2)")
     imp.add_argument("src", help="a Hugging Face model directory, or hf:REPO_ID[@REVISION]")
     imp.add_argument("--out", required=True, help="a new directory (a gptjax export)")
@@ -237,6 +240,14 @@ def _export(args: argparse.Namespace) -> None:
     )
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from gptjax.curves import CURVES_FILE, plot
+
+    one = len(args.workdir) == 1
+    out = args.out or (str(Path(args.workdir[0]) / CURVES_FILE) if one else CURVES_FILE)
+    print(f"wrote {plot(args.workdir, out)}")
+
+
 def _import(args: argparse.Namespace) -> None:
     from gptjax.hf import import_hf
 
@@ -290,6 +301,7 @@ COMMANDS = {
     "chat": _chat,
     "export": _export,
     "import": _import,
+    "plot": _plot,
     "quickstart": _quickstart,
 }
 TAKES_OVERRIDES = ("pretrain", "finetune")

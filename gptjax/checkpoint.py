@@ -128,16 +128,21 @@ def _preservation(policy: CheckpointConfig) -> dict[str, Any]:
     return {"preservation_policy": both, "best_fn": _val_loss, "best_mode": "min"}
 
 
-class _ReadOnlyNotice(logging.Filter):
+class _OrbaxNotice(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Given directory is read only")
+        return not record.getMessage().startswith(self.prefix)
 
 
 @contextlib.contextmanager
-def _quiet_read_only():
-    """Orbax warns "Given directory is read only" whenever a manager opens checkpoints for
-    reading (generate, finetune --init-from, export); reading is what was asked for."""
-    notice = _ReadOnlyNotice()
+def quiet_orbax(prefix: str):
+    """Drops Orbax's absl warnings that start with ``prefix`` while the block runs: notices
+    about what the caller asked for, e.g. "Given directory is read only" whenever a manager
+    opens checkpoints for reading (generate, finetune --init-from, export)."""
+    notice = _OrbaxNotice(prefix)
     logger = logging.getLogger("absl")
     logger.addFilter(notice)
     try:
@@ -168,7 +173,7 @@ class Checkpointer:
             enable_async_checkpointing=policy.async_save and not read_only,
             cleanup_tmp_directories=not read_only,  # what a killed save left behind
         )
-        with _quiet_read_only():
+        with quiet_orbax("Given directory is read only"):
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers()
             )

@@ -20,7 +20,14 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from gptjax import lora
-from gptjax.checkpoint import Checkpointer, UnreadableCheckpoint, handlers, load_params, unreadable
+from gptjax.checkpoint import (
+    Checkpointer,
+    UnreadableCheckpoint,
+    handlers,
+    load_params,
+    quiet_orbax,
+    unreadable,
+)
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
 from gptjax.model import abstract_params
@@ -77,11 +84,13 @@ def _numpy_saved_in_place():
     would only double the peak memory of an import (benchmarks/hf_import.py measured it)."""
     default = ocp.type_handlers.get_type_handler(np.ndarray)
     no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
-    ocp.type_handlers.register_type_handler(np.ndarray, no_copy, override=True)
+    with quiet_orbax("Type handler registry type"):  # "... overriding": that is the point
+        ocp.type_handlers.register_type_handler(np.ndarray, no_copy, override=True)
     try:
         yield
     finally:
-        ocp.type_handlers.register_type_handler(np.ndarray, default, override=True)
+        with quiet_orbax("Type handler registry type"):
+            ocp.type_handlers.register_type_handler(np.ndarray, default, override=True)
 
 
 def export(

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, distributed, lora, sharding
+from gptjax import checkpoint, curves, distributed, lora, sharding
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.data.pipeline import Batching
@@ -183,6 +183,8 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
                 workdir, enabled=jax.process_index() == 0, resume_step=_host_step(state)
             )
             state, final = loop.train(state, stop)
+            if jax.process_index() == 0:  # the picture of the run, beside its metrics
+                curves.plot([workdir], workdir / curves.CURVES_FILE)
         finally:
             if loop.bar is not None:
                 loop.bar.close()  # before the CLI prints an error line, not after it
