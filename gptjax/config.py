@@ -51,6 +51,8 @@ class ModelConfig:
     scan_layers: bool = False
     # Rematerialisation of each block in the backward pass: "none", "full" (keep only the
     # block's input), or a jax.checkpoint_policies name (dots_with_no_batch_dims_saveable, ...).
+    # Pair it with scan_layers: unscanned, XLA is free to schedule the recomputation early and
+    # on CPU keeps every activation anyway (benchmarks/scale.py measures both).
     remat: str = "none"
     # jax.nn.dot_product_attention's implementation: "xla", "cudnn" (NVIDIA GPU, bfloat16 or
     # float16), or "auto" (cudnn where it can run, xla elsewhere).

@@ -1,0 +1,319 @@
+"""Training speed: gptjax's train step against a PyTorch peer measured in the same run.
+
+    python benchmarks/train.py [--shapes char,small,default] [--steps 20] [--out FILE.json]
+    python benchmarks/train.py --preset gpt2 --seq 1024 --batch auto    # on an accelerator
+
+For each shape, one full optimizer step (forward, backward, global-norm clipping, AdamW) on
+random token batches, float32, median over ``--steps`` steps after ``--warmup``:
+
+* gptjax: ``gptjax.training.steps.compile_steps`` on one device, the step as the training loop
+  runs it; one row per ``--steps-per-call`` value k (default 1 and 10: k steps in one compiled
+  call, ``train.steps_per_call``), step time = call time / k.
+* PyTorch peer (``pip install -e ".[bench]"``; ``--no-torch`` skips it): transformers'
+  ``GPT2LMHeadModel`` of the same shape, batch and sequence length, ``torch.optim.AdamW`` and
+  ``clip_grad_norm_``, ``torch.set_num_threads(cores)``, dropout off, eager mode.
+
+Shapes (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied head):
+``char`` — nanoGPT's shakespeare_char CPU recipe, 4 layers × 4 heads × 128, T 64, B 12,
+vocabulary 65; ``small`` — 6 × 6 × 384, T 256, B 16, vocabulary 65; ``default`` —
+experiments/shakespeare.py's model (4 × 6 × 192, T 128, B 32, vocabulary 2048).
+
+``--preset NAME`` instead times one preset of ``gptjax.config.MODEL_PRESETS`` (GPT-2 124M:
+``gpt2``) at ``--seq`` with ``--batch`` (``auto``: the largest power of two that fits), in the
+device's default compute dtype (bfloat16 on GPU/TPU), and reports tokens/s, model FLOPs
+utilisation against the device's peak (``gptjax.metrics.PEAK_FLOPS``) and peak device memory.
+
+Writes JSON rows with ``shape``, ``gptjax_step_ms``, ``gptjax_tokens_per_sec``, ``hf_step_ms``,
+``hf_tokens_per_sec``, ``speedup`` (gptjax tokens/s ÷ PyTorch's) and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from gptjax.config import (
+    MODEL_PRESETS,
+    Config,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+    load_experiment,
+)
+from gptjax.metrics import flops_per_token, peak_flops
+from gptjax.model import GPT, count_params
+from gptjax.training.steps import compile_steps
+
+GPT2_STYLE = dict(position="learned", norm="layernorm", activation="gelu", use_bias=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    model: ModelConfig
+    batch: int
+
+    @property
+    def seq(self) -> int:
+        return self.model.max_len
+
+
+def shapes() -> dict[str, Shape]:
+    default = load_experiment("shakespeare").model
+    return {
+        "char": Shape(
+            "char",
+            ModelConfig(
+                preset="char",
+                vocab_size=65,
+                num_layers=4,
+                num_heads=4,
+                embed_dim=128,
+                max_len=64,
+                **GPT2_STYLE,
+            ),
+            12,
+        ),
+        "small": Shape(
+            "small",
+            ModelConfig(
+                preset="small",
+                vocab_size=65,
+                num_layers=6,
+                num_heads=6,
+                embed_dim=384,
+                max_len=256,
+                **GPT2_STYLE,
+            ),
+            16,
+        ),
+        "default": Shape("default", dataclasses.replace(default, vocab_size=2048), 32),
+    }
+
+
+def _batches(shape: Shape, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, shape.model.vocab_size, (shape.batch, shape.seq + 1), np.int32)
+        weights = np.ones((shape.batch, shape.seq), np.float32)
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights})
+    return out
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1000 * statistics.median(times)
+
+
+def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
+    train = TrainConfig(steps=10**6, batch_size=shape.batch, warmup_steps=10, steps_per_call=k)
+    config = Config(model=shape.model, train=train, mesh=MeshConfig(data=1))
+    start = time.perf_counter()
+    steps = compile_steps(config, GPT(config.model), devices=jax.devices()[:1])
+    train, put = (steps.train_many, steps.put_batches) if k > 1 else (steps.train, None)
+    batches = _batches(shape, k * 4)  # host data is not what is timed: four calls' worth
+    calls = [batches[i : i + k] for i in range(0, len(batches), k)]
+    calls = [put(c) if put else steps.put_batch(c[0]) for c in calls]
+    state, metrics = train(steps.state, calls[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        state, metrics = train(state, calls[i % len(calls)])
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append((time.perf_counter() - t0) / k)
+    step_ms = _median_ms(times)
+    return {
+        "gptjax_step_ms": step_ms,
+        "gptjax_tokens_per_sec": shape.batch * shape.seq / step_ms * 1000,
+        "gptjax_compile_s": compile_s,
+    }
+
+
+def time_torch(shape: Shape, args) -> dict[str, float]:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    m = shape.model
+    config = transformers.GPT2Config(
+        vocab_size=m.vocab_size,
+        n_positions=m.max_len,
+        n_embd=m.embed_dim,
+        n_layer=m.num_layers,
+        n_head=m.num_heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = transformers.GPT2LMHeadModel(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    batches = _batches(shape, 4)
+    times = []
+    for i in range(args.warmup + args.steps):
+        b = batches[i % len(batches)]
+        inputs, targets = (torch.from_numpy(b[k]).long() for k in ("inputs", "targets"))
+        t0 = time.perf_counter()
+        logits = model(inputs).logits
+        flat = logits.view(-1, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(flat, targets.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_ms = _median_ms(times)
+    return {"hf_step_ms": step_ms, "hf_tokens_per_sec": shape.batch * shape.seq / step_ms * 1000}
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_shapes(args) -> list[dict]:
+    rows = []
+    table = shapes()
+    for name in args.shapes.split(","):
+        if name not in table:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(table)}")
+        shape = table[name]
+        peer = time_torch(shape, args) if args.torch else {}
+        for k in args.steps_per_call:
+            row = {
+                "shape": name,
+                "layers": shape.model.num_layers,
+                "embed_dim": shape.model.embed_dim,
+                "seq": shape.seq,
+                "batch": shape.batch,
+                "vocab": shape.model.vocab_size,
+                "params": count_params(shape.model),
+                "steps_per_call": k,
+                **time_gptjax(shape, k, args),
+                **peer,
+            }
+            if peer:
+                row["speedup"] = row["gptjax_tokens_per_sec"] / row["hf_tokens_per_sec"]
+            rows.append(row)
+            print(_line(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'shape':<8} {'params':>8} {'B×T':>8} {'k':>3} {'gptjax ms':>10} {'gptjax tok/s':>13} "
+    f"{'torch ms':>9} {'torch tok/s':>12} {'× torch':>8} {'compile s':>9}"
+)
+
+
+def _line(r: dict) -> str:
+    def f(key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
+    return (
+        f"{r['shape']:<8} {r['params'] / 1e6:>7.2f}M {r['batch']:>3}×{r['seq']:<4} "
+        f"{r['steps_per_call']:>3} "
+        f"{r['gptjax_step_ms']:>10.1f} {r['gptjax_tokens_per_sec']:>13,.0f} "
+        f"{f('hf_step_ms', '.1f'):>9} {f('hf_tokens_per_sec', ',.0f'):>12} "
+        f"{f('speedup', '.2f'):>8} {r['gptjax_compile_s']:>9.1f}"
+    )
+
+
+def bench_preset(args) -> list[dict]:
+    """One preset on whatever device is present: tokens/s, MFU, peak memory."""
+    device = jax.devices()[0]
+    dtype = "float32" if device.platform == "cpu" else "bfloat16"
+    model = dataclasses.replace(MODEL_PRESETS[args.preset], max_len=args.seq, dtype=dtype)
+    batches = [int(args.batch)] if args.batch != "auto" else [2**k for k in range(8, -1, -1)]
+    for batch in batches:
+        shape = Shape(args.preset, model, batch)
+        try:
+            row = {"shape": args.preset, "seq": args.seq, "batch": batch, "dtype": dtype}
+            row.update(time_gptjax(shape, 1, args))
+            break
+        except Exception as e:  # out of memory: try half the batch (only with --batch auto)
+            if args.batch != "auto" or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"batch {batch}: out of memory, trying {batch // 2}")
+    n = count_params(model)
+    flops = flops_per_token(model, n, args.seq) * row["gptjax_tokens_per_sec"]
+    peak = peak_flops(device.device_kind)
+    row.update(
+        params=n,
+        device=device.device_kind,
+        tflops_per_sec=flops / 1e12,
+        mfu=flops / peak if peak else None,
+        peak_memory_gib=(device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30,
+    )
+    mfu = f"{row['mfu']:.1%}" if row["mfu"] else "- (unknown peak)"
+    print(
+        f"{args.preset} T{args.seq} B{row['batch']} {dtype} on {row['device']}: "
+        f"{row['gptjax_tokens_per_sec']:,.0f} tokens/s, {row['tflops_per_sec']:.1f} TFLOP/s, "
+        f"MFU {mfu}, peak memory {row['peak_memory_gib']:.1f} GiB"
+    )
+    return [row]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/train.json")
+    parser.add_argument("--shapes", default="char,small,default")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument(
+        "--steps-per-call",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=[1, 10],
+        help="comma-separated: a row for each (k steps in one compiled call)",
+    )
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--preset", default=None, help="time one MODEL_PRESETS row instead")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", default="auto")
+    args = parser.parse_args()
+    if args.torch is None:
+        args.torch = _torch_available() and args.preset is None
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPUs), "
+        f"load average before: {os.getloadavg()[0]:.1f} (other processes skew the numbers)"
+    )
+    if args.preset:
+        rows = bench_preset(args)
+    else:
+        if not args.torch:
+            print("the PyTorch peer is not measured in this run (--no-torch, or no torch)")
+        print(HEADER)
+        rows = bench_shapes(args)
+    meta = {
+        "jax": jax.__version__,
+        "devices": str(jax.devices()),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "load_average_after": os.getloadavg()[0],
+        "torch": "measured in this run" if args.torch else "not measured",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The training and import benchmarks at their smallest, so that the scripts cannot rot: the
+table prints and the JSON has every row and field (speed itself is the scripts' business)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_benchmark_measures_gptjax_and_the_pytorch_peer(tmp_path):
+    out = tmp_path / "train.json"
+    args = ["--shapes", "char", "--steps", "2", "--warmup", "1", "--steps-per-call", "1,2"]
+    result = _run("train.py", *args, "--out", str(out))
+    assert "torch tok/s" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["steps_per_call"]) for r in rows] == [("char", 1), ("char", 2)]
+    for row in rows:
+        for key in ("gptjax_step_ms", "gptjax_tokens_per_sec", "hf_step_ms", "hf_tokens_per_sec"):
+            assert row[key] > 0, key
+        assert row["speedup"] == row["gptjax_tokens_per_sec"] / row["hf_tokens_per_sec"]
+        assert row["gptjax_tokens_per_sec"] == pytest.approx(12 * 64 / row["gptjax_step_ms"] * 1e3)
+
+
+def test_hf_import_benchmark_reports_peak_memory(tmp_path):
+    out = tmp_path / "hf_import.json"
+    result = _run(
+        "hf_import.py", "--shape", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(out)
+    )
+    assert "peak" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["peak_rss"] > 0 and r["params"] > 0 for r in rows), rows
