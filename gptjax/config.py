@@ -359,8 +359,12 @@ def load_experiment(spec: str) -> Config:
     return module.get_config()
 
 
-def validate(config: Config) -> Config:
-    """Checks values that do not depend on the devices; returns ``config`` unchanged."""
+def validate(config: Config, *, fine_tune: bool = False) -> Config:
+    """Checks values that do not depend on the devices; returns ``config`` unchanged.
+
+    ``fine_tune``: the model's shape will come from ``--init-from``, so ``data.seq_len`` is not
+    held against this config's ``model.max_len`` (``finetune`` checks it against the real one).
+    """
     m, t, e, d = config.model, config.train, config.eval, config.data
     _check(
         m.embed_dim % m.num_heads == 0,
@@ -398,7 +402,7 @@ def validate(config: Config) -> Config:
     ]:
         _check(value >= 1, f"{key}={value} must be at least 1")
     _check(
-        0 <= d.seq_len <= m.max_len,
+        d.seq_len >= 0 and (fine_tune or d.seq_len <= m.max_len),
         f"data.seq_len={d.seq_len} must be in [0, model.max_len={m.max_len}] (0 = model.max_len)",
     )
     _check(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")

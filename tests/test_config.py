@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,6 +95,18 @@ def test_experiments_round_trip_through_dict(name):
     # preset name is not a MODEL_PRESETS row) must survive it (quickstart's finetune did not).
     c = load_experiment(name)
     assert Config.from_dict(json.loads(c.to_json())) == c
+
+
+EXPERIMENTS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.py") if p.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_is_valid_as_the_cli_checks_it(name):
+    # Fine-tuning experiments take the model's shape from --init-from: their data.seq_len (512
+    # for SmolLM2) is checked against that model, not against this config's default max_len.
+    validate(load_experiment(name), fine_tune=name.startswith("chat_"))
 
 
 def test_presets_are_valid_and_derived_values():

@@ -21,7 +21,7 @@ from gptjax.training.finetune import finetune
 from gptjax.training.pretrain import pretrain
 from gptjax.training.steps import make_optimizer
 
-QUICK = ["--eval.sample_tokens=0", "--train.log_every_steps=5"]
+QUICK = ["--eval.sample_tokens=0", "--train.log_every_steps=5", "--train.steps_per_call=5"]
 
 
 def _conversations(n: int) -> list[dict]:
@@ -85,6 +85,11 @@ def test_assistant_loss_falls_from_step_zero(chat_workdir):
     assert final["val_loss"] == pytest.approx(val[-1]["val_loss"])
     config = json.loads((workdir / "config.json").read_text())
     assert config["model"]["num_layers"] == 2  # the pretrained shape, not the chat config's
+
+
+def test_seq_len_is_held_against_the_pretrained_models_context(tmp_path, pretrained, chat_data):
+    with pytest.raises(GptjaxError, match=r"data.seq_len=128 must be in \[0, model.max_len=64\]"):
+        finetune(_chat_config(chat_data, "--data.seq_len=128"), tmp_path, pretrained)
 
 
 def test_chinese_dialogues_train(tmp_path, pretrained):

@@ -476,6 +476,8 @@ def test_fine_tuning_an_imported_model_lowers_the_assistant_loss(
             "--eval.every_steps=30",
             "--eval.num_batches=2",
             "--eval.sample_tokens=0",
+            "--train.log_every_steps=5",
+            "--train.steps_per_call=5",
             *extra,
         ],
     )
