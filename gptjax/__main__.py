@@ -14,6 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from gptjax import storage
 from gptjax.errors import GptjaxError
 
 DEFAULT_EXPERIMENT = "shakespeare"
@@ -136,7 +137,8 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> None:
     """``pretrain`` and ``finetune``: the experiment with the overrides, then the library."""
     from gptjax.config import apply_overrides, load_experiment, validate
 
-    config = validate(apply_overrides(load_experiment(args.config), overrides))
+    config = apply_overrides(load_experiment(args.config), overrides)
+    config = validate(config, fine_tune=args.command == "finetune")
     _init_distributed(config)
     if getattr(args, "dry_run", False):
         from gptjax.training.pretrain import dry_run
@@ -244,7 +246,7 @@ def _plot(args: argparse.Namespace) -> None:
     from gptjax.curves import CURVES_FILE, plot
 
     one = len(args.workdir) == 1
-    out = args.out or (str(Path(args.workdir[0]) / CURVES_FILE) if one else CURVES_FILE)
+    out = args.out or (str(storage.path(args.workdir[0]) / CURVES_FILE) if one else CURVES_FILE)
     print(f"wrote {plot(args.workdir, out)}")
 
 
@@ -266,7 +268,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     from gptjax.training.finetune import finetune
     from gptjax.training.pretrain import pretrain
 
-    root = Path(args.workdir)
+    root = storage.path(args.workdir)
     pretrain(load_experiment(DEFAULT_EXPERIMENT), root / "pretrain")
     final = finetune(load_experiment(DEFAULT_CHAT_EXPERIMENT), root / "chat", root / "pretrain")
 

@@ -25,14 +25,15 @@ restores onto another without gathering the state on one host.
 Orbax writes a checkpoint into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` only
 once every item is complete, so a run killed mid-save leaves no step that looks complete; such
 leftovers are deleted when the next run opens the directory (tests/test_checkpoint.py checks
-both).
+both). On ``gs://`` (no renames) it writes ``<step>/`` in place and ``<step>/commit_success.txt``
+last; a step without that marker is not listed and is deleted the same way (tests/test_gcs.py
+kills a run on gs:// and resumes it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gptjax import storage
 from gptjax.config import CheckpointConfig, Config
 from gptjax.errors import GptjaxError
 from gptjax.metrics import Log
@@ -162,7 +164,7 @@ class Checkpointer:
         *,
         read_only: bool = False,
     ):
-        self.workdir = Path(workdir).absolute()
+        self.workdir = storage.absolute(workdir)
         self.directory = checkpoint_dir(workdir)
         self.policy = policy = policy or CheckpointConfig()
         options = ocp.CheckpointManagerOptions(
@@ -265,8 +267,8 @@ class Checkpointer:
         target = self.workdir / UNREADABLE_DIR / str(step)
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(self.directory / str(step), target)
+            storage.rmtree(target)
+            storage.move(self.directory / str(step), target)
         if jax.process_count() > 1:  # nobody lists the steps again before the move is done
             from jax.experimental import multihost_utils
 
@@ -537,9 +539,20 @@ def load_params(path: str | Path, abstract_params, step: int | None = None):
                 f"{path} has no checkpoint; train one with `gptjax pretrain --workdir {path}`"
             )
         reader.check_shapes(step, {"params": abstract_params})
-        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+        # Without a sharding Orbax would reuse the saved one, which names the saving run's
+        # devices (another process count, another machine): read those onto this host instead.
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        unsharded = lambda x: getattr(x, "sharding", None) is None  # noqa: E731
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host) if unsharded(x) else x,
+            abstract_params,
+        )
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
         with _reading():
-            return reader.manager.restore(step, args=args).params
+            params = reader.manager.restore(step, args=args).params
+        return jax.tree.map(
+            lambda x, y: np.asarray(y) if unsharded(x) else y, abstract_params, params
+        )
     except UnreadableCheckpoint as e:
         raise unreadable(reader, step, e) from None
     finally:

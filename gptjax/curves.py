@@ -12,14 +12,16 @@ any runs.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from gptjax import storage
 from gptjax.errors import GptjaxError
-from gptjax.metrics import read_metrics
+from gptjax.metrics import METRICS_FILE, read_metrics
 from gptjax.workdir import CONFIG_FILE
 
 SERIES = ("train_loss", "val_loss", "lr", "tokens_per_sec")
@@ -28,9 +30,9 @@ CURVES_FILE = "curves.png"
 
 def read_curves(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``{series: [(step, value), ...]}`` sorted by step, one value per step (the last)."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / METRICS_FILE
     if not path.is_file():
-        raise GptjaxError(f"{workdir} has no metrics.jsonl: train there first (gptjax pretrain)")
+        raise GptjaxError(f"{workdir} has no {METRICS_FILE}: train there first (gptjax pretrain)")
     by_step: dict[str, dict[int, float]] = {name: {} for name in SERIES}
     for record in read_metrics(workdir):
         for name in SERIES:
@@ -41,7 +43,7 @@ def read_curves(workdir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def tokens_per_step(workdir: str | Path) -> int:
     """Training tokens per optimizer step of the run in ``workdir`` (0 if unknown)."""
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     if not path.is_file():
         return 0
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -58,7 +60,7 @@ def plot(workdirs: Sequence[str | Path], out: str | Path) -> Path:
     loss, lr, speed = axes["loss"], axes["lr"], axes["speed"]
     colors = [f"C{i % 10}" for i in range(len(workdirs))]
     for workdir, color in zip(workdirs, colors, strict=True):
-        series, name = read_curves(workdir), Path(workdir).name
+        series, name = read_curves(workdir), storage.path(workdir).name
         _line(loss, series["train_loss"], color, f"{name} train")
         _line(loss, series["val_loss"], color, f"{name} validation", dashed=True)
         _line(lr, series["lr"], color, name)
@@ -76,9 +78,10 @@ def plot(workdirs: Sequence[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    out = storage.path(out)
+    storage.write_atomic(out, png.getvalue())
     return out
 
 

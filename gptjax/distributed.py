@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptjax import storage
 from gptjax.config import Config, DistConfig
 from gptjax.errors import GptjaxError
 
@@ -291,7 +292,7 @@ def check_shared_workdir(workdir: str | Path, *, wait_s: float = 10.0) -> None:
     if jax.process_count() == 1:
         return
     name = allgather_strings([f".gptjax-shared-{uuid.uuid4().hex}"])[0][0]  # process 0's
-    marker = Path(workdir) / name
+    marker = storage.path(workdir) / name
     if jax.process_index() == 0:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("written by process 0 to check that every process sees this folder\n")
@@ -307,7 +308,7 @@ def check_shared_workdir(workdir: str | Path, *, wait_s: float = 10.0) -> None:
         raise GptjaxError(
             f"--workdir {workdir} is not shared: processes {blind} do not see the file process "
             f"0 wrote there; with several hosts the workdir must be one folder that every "
-            f"process sees at the same path (NFS, Filestore, a gcsfuse mount of a bucket)"
+            f"process sees at the same path (a gs://BUCKET/PATH URI, NFS, Filestore)"
         )
 
 

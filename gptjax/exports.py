@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from gptjax import lora
+from gptjax import lora, storage
 from gptjax.checkpoint import (
     Checkpointer,
     UnreadableCheckpoint,
@@ -105,7 +105,7 @@ def export(
     """
     if dtype not in EXPORT_DTYPES:
         raise GptjaxError(f"export dtype={dtype!r} is not one of {EXPORT_DTYPES}")
-    out = Path(out).absolute()
+    out = storage.absolute(out)
     if checkpoint_dir(out).exists() and any(checkpoint_dir(out).iterdir()):
         raise GptjaxError(f"{out} already holds checkpoints; export to a new directory")
     lora_rank = read_config(workdir).model.lora_rank

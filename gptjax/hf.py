@@ -35,7 +35,7 @@ from flax import linen as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from gptjax import chat_template, exports
+from gptjax import chat_template, exports, storage
 from gptjax.config import Config, ModelConfig
 from gptjax.errors import GptjaxError
 from gptjax.hf_convert import (
@@ -66,6 +66,8 @@ def is_hf_source(src: str | os.PathLike) -> bool:
     """``hf:ID``, or a folder with a Hugging Face ``config.json`` and weights."""
     if str(src).startswith("hf:"):
         return True
+    if storage.is_remote(src):  # gs:// holds gptjax workdirs and exports; import from local
+        return False
     path = Path(src)
     return (path / "config.json").is_file() and not (path / CHECKPOINTS).exists()
 
@@ -129,7 +131,7 @@ def import_hf(
     export in the new directory ``out``; returns ``out``."""
     if dtype not in DTYPES:
         raise GptjaxError(f"--dtype={dtype!r} is not one of {DTYPES}")
-    out = Path(out).expanduser().absolute()
+    out = storage.absolute(out)
     _check_new(out)
     directory = resolve(str(src), log)
     hf = read_config(directory)
@@ -139,7 +141,7 @@ def import_hf(
     _check_vocab(m, tokenizer, log)
     params = read_params(directory, m, hf["model_type"], dtype)
     info = {"source": str(src), "model_type": hf["model_type"], "dtype": dtype}
-    with _staged(out) as tmp:
+    with _staged(out, orbax=True) as tmp:
         exports.write_export(tmp, params, Config(model=m), tokenizer, 0, info)
     log(
         f"imported {src} ({hf['model_type']}, {m.num_layers} layers × {m.embed_dim}, "
@@ -247,8 +249,19 @@ def _check_new(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staged(out: Path) -> Iterator[Path]:
-    """A temporary directory beside ``out`` that becomes ``out`` only when complete."""
+def _staged(out: Path, *, orbax: bool = False) -> Iterator[Path]:
+    """A temporary directory beside ``out`` that becomes ``out`` only when complete. For a
+    ``gs://`` ``out`` (no renames there): a local folder uploaded when complete, or ``out``
+    itself for an Orbax export, whose checkpoint counts only once its commit marker is
+    written last (and ``export.json`` after it)."""
+    if storage.is_remote(out):
+        if orbax:
+            yield out
+            return
+        with tempfile.TemporaryDirectory(prefix="gptjax-export-") as tmp:
+            yield Path(tmp)
+            storage.upload_tree(Path(tmp), out)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -276,7 +289,7 @@ def export_hf(
     Hugging Face format; returns ``out``."""
     if dtype not in DTYPES:
         raise GptjaxError(f"--dtype={dtype!r} is not one of {DTYPES}")
-    out = Path(out).expanduser().absolute()
+    out = storage.absolute(out)
     _check_new(out)
     m = read_workdir(workdir)[0].model
     if m.lora_rank:

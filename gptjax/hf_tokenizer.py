@@ -46,6 +46,7 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from gptjax import storage
 from gptjax.errors import GptjaxError
 from gptjax.tokenizer import CHAT_PIECES, SentencePieceTokenizer, Tokenizer
 
@@ -95,7 +96,7 @@ class HFTokenizer(Tokenizer):
     @classmethod
     def load(cls, directory: str | os.PathLike) -> HFTokenizer:
         """Reads a Hugging Face model or tokenizer directory."""
-        directory = Path(directory)
+        directory = storage.path(directory)
         path = directory / HF_FILE
         if not path.is_file():
             raise GptjaxError(
@@ -122,7 +123,7 @@ class HFTokenizer(Tokenizer):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json (with the
         chat template in the config) for gptjax and for ``transformers.AutoTokenizer``."""
-        directory = Path(directory)
+        directory = storage.path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / HF_FILE).write_text(self._json, encoding="utf-8")
         config = {

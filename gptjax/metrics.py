@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from gptjax import storage
 from gptjax.config import ModelConfig
+
+METRICS_FILE = "metrics.jsonl"
 
 Log = Callable[[str], None]  # receives one human-readable line
 
@@ -37,23 +42,47 @@ class MetricsWriter:
     ``resume_step``: the step the run continues from. Records of later steps (written by a run
     that was killed after its last checkpoint) are dropped first, and TensorBoard purges them
     too; at step 0 nothing is kept (everything is done again).
+
+    A ``gs://`` workdir cannot be appended to: both files are written to a local mirror and
+    uploaded whole by ``sync`` — every ``sync_every_s`` seconds, after every checkpoint (the
+    training loop calls it) and at ``close``. A run killed between two syncs loses only records
+    after its last checkpoint, which its resumed run writes again anyway.
     """
 
-    def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_step: int = 0):
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        enabled: bool = True,
+        resume_step: int = 0,
+        sync_every_s: float = 30.0,
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._remote = None
+        self._mirror = None
+        self.sync_every_s = sync_every_s
         if enabled:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-            workdir = Path(workdir)
+            local = workdir
+            if storage.is_remote(workdir):
+                self._remote = storage.path(workdir)
+                self._mirror = tempfile.TemporaryDirectory(prefix="gptjax-metrics-")
+                local = Path(self._mirror.name)
+                remote_jsonl = self._remote / METRICS_FILE
+                if remote_jsonl.is_file():
+                    (local / METRICS_FILE).write_bytes(remote_jsonl.read_bytes())
+            workdir = Path(local)
             workdir.mkdir(parents=True, exist_ok=True)
-            path = workdir / "metrics.jsonl"
+            path = workdir / METRICS_FILE
             # purge_step: TensorBoard hides the earlier run's events at or after that step.
             purge = (resume_step + 1 if resume_step else 0) if path.is_file() else None
             truncate_after(path, resume_step)
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
             self._tb = SummaryWriter(str(workdir / "tb"), purge_step=purge)
+            self._synced = time.monotonic()
 
     def write(self, step: int, **values: Any) -> None:
         if not self.enabled:
@@ -65,11 +94,26 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, int(step))
+        if self._remote is not None and time.monotonic() - self._synced >= self.sync_every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """Uploads the local mirror of a ``gs://`` workdir's metrics and events (a no-op for a
+        local workdir, whose files are written in place)."""
+        if not self.enabled or self._remote is None or self._jsonl.closed:
+            return
+        self._jsonl.flush()
+        self._tb.flush()
+        storage.upload_tree(Path(self._mirror.name), self._remote)
+        self._synced = time.monotonic()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
             self._tb.close()
+            if self._remote is not None:
+                storage.upload_tree(Path(self._mirror.name), self._remote)
+                self._mirror.cleanup()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -100,9 +144,8 @@ def truncate_after(path: Path, step: int) -> None:
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     """All records of ``WORKDIR/metrics.jsonl`` in order."""
-    path = Path(workdir) / "metrics.jsonl"
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (storage.path(workdir) / METRICS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # Peak dense bfloat16 FLOP/s of one device (one chip; one GPU), the denominator of model FLOPs

@@ -29,7 +29,6 @@ import itertools
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from tqdm.auto import tqdm
 
+from gptjax import storage
 from gptjax.errors import GptjaxError
 
 CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # ids 4-7
@@ -247,7 +247,7 @@ class SentencePieceTokenizer(Tokenizer):
     @classmethod
     def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         """Reads a ``.model`` file written by ``save`` (or by sentencepiece with our layout)."""
-        path = Path(path)
+        path = storage.path(path)
         if not path.is_file():
             raise GptjaxError(
                 f"tokenizer model {str(path)!r} does not exist; set data.tokenizer to an existing "
@@ -257,18 +257,14 @@ class SentencePieceTokenizer(Tokenizer):
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the model to ``path`` (creating parent folders), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self._proto)
-        os.replace(tmp, path)
+        storage.write_atomic(path, self._proto)
 
     def to_bytes(self) -> bytes:
         """The serialized SentencePiece ModelProto (what ``save`` writes)."""
         return self._proto
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.save(Path(directory) / SENTENCEPIECE_FILE)
+        self.save(storage.path(directory) / SENTENCEPIECE_FILE)
 
     def special_tokens_map(self) -> dict[str, str]:
         keys = ("pad_token", "unk_token", "bos_token", "eos_token")

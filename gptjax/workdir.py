@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gptjax import storage
 from gptjax.config import Config
 from gptjax.errors import GptjaxError
 from gptjax.hf_tokenizer import HF_FILE, HFTokenizer
@@ -33,25 +34,25 @@ CHECKPOINTS = "checkpoints"
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
-    """``WORKDIR/checkpoints`` as an absolute path (Orbax wants one)."""
-    return Path(workdir).absolute() / CHECKPOINTS
+    """``WORKDIR/checkpoints`` as an absolute path (Orbax wants one) or ``gs://`` URI."""
+    return storage.absolute(workdir) / CHECKPOINTS
 
 
 def write_workdir(workdir: str | Path, config: Config, tokenizer: Tokenizer) -> None:
     """Writes ``config.json`` and the tokenizer (creating ``workdir``)."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(config.to_json() + "\n", encoding="utf-8")
     tokenizer.save_pretrained(workdir)
 
 
 def write_export_info(out: str | Path, info: dict[str, Any]) -> None:
-    (Path(out) / EXPORT_FILE).write_text(json.dumps(info) + "\n", encoding="utf-8")
+    (storage.path(out) / EXPORT_FILE).write_text(json.dumps(info) + "\n", encoding="utf-8")
 
 
 def read_config(workdir: str | Path) -> Config:
     """The config saved in ``workdir`` (a training workdir or an export)."""
-    path = Path(workdir) / CONFIG_FILE
+    path = storage.path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise GptjaxError(
             f"{workdir} has no {CONFIG_FILE}: it is not a gptjax workdir or export; train one "
@@ -67,7 +68,7 @@ def read_config(workdir: str | Path) -> Config:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A SentencePiece ``.model`` file, a Hugging Face ``tokenizer.json``, or a folder holding
     either (a workdir, an export, a Hugging Face model directory)."""
-    path = Path(path).expanduser()
+    path = storage.path(path)
     if path.is_dir() and (path / SENTENCEPIECE_FILE).is_file():
         path = path / SENTENCEPIECE_FILE
     elif path.is_dir() and (path / HF_FILE).is_file():
@@ -91,7 +92,7 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
 
 def read_tokenizer(workdir: str | Path) -> Tokenizer:
     """The tokenizer saved in ``workdir``."""
-    files = (Path(workdir) / name for name in (SENTENCEPIECE_FILE, HF_FILE))
+    files = (storage.path(workdir) / name for name in (SENTENCEPIECE_FILE, HF_FILE))
     if not any(f.is_file() for f in files):
         raise GptjaxError(
             f"{workdir} has no {SENTENCEPIECE_FILE} or {HF_FILE}; pass a gptjax workdir or "

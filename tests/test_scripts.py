@@ -163,7 +163,7 @@ def test_setup_ships_this_checkout_to_every_worker(fake):
     assert scp[3] == "scp" and "--worker=all" in scp
     assert ssh[3] == "ssh" and "--worker=all" in ssh
     command = next(a for a in ssh if a.startswith("--command="))
-    assert "pip install --quiet -e . 'jax[tpu]>=0.10.2,<0.11'" in command
+    assert "pip install --quiet -e '.[gcs]' 'jax[tpu]>=0.10.2,<0.11'" in command
     assert subprocess.run(["bash", "-n", "-c", command.split("=", 1)[1]]).returncode == 0
     with tarfile.open(fake.tmp / "shipped.tar.gz") as tar:
         names = set(tar.getnames())

@@ -2,11 +2,12 @@
 # Starts `python3 -m gptjax ARGS...` on every worker at once, detached from the ssh session, and
 # returns. Each worker logs to ~/$LOG_FILE; follow worker 0 with tpu_scripts/logs.sh.
 #
-#   tpu_scripts/launch.sh pretrain --config shakespeare --workdir /mnt/shared/runs/shakespeare
+#   tpu_scripts/launch.sh pretrain --config shakespeare --workdir gs://MY-BUCKET/runs/shakespeare
 #
 # --dist.num_processes=0 lets JAX's Cloud TPU detection give each worker its process id, the
-# process count and the coordinator (worker 0). On a pod slice the --workdir must be one folder
-# that every worker sees (a shared mount): Orbax writes each worker's shards of a checkpoint.
+# process count and the coordinator (worker 0). On a pod slice the --workdir must be one place
+# that every worker sees (a gs:// bucket path, or a shared mount): Orbax writes each worker's
+# shards of a checkpoint there.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tpu_scripts/env.sh

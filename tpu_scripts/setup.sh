@@ -15,5 +15,5 @@ tpu_vm scp "$tmp/gptjax.tar.gz" "$TPU_NAME:gptjax.tar.gz" --worker=all
 on_all_workers "set -e; rm -rf ~/$REMOTE_DIR; mkdir -p ~/$REMOTE_DIR;
   tar -xzf ~/gptjax.tar.gz -C ~/$REMOTE_DIR; cd ~/$REMOTE_DIR;
   python3 -m pip install --quiet --upgrade pip;
-  python3 -m pip install --quiet -e . 'jax[tpu]>=0.10.2,<0.11';
+  python3 -m pip install --quiet -e '.[gcs]' 'jax[tpu]>=0.10.2,<0.11';
   python3 -c 'import gptjax, jax; print(\"gptjax installed with jax\", jax.__version__)'"

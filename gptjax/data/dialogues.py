@@ -41,6 +41,7 @@ from typing import Any
 import grain
 import yaml
 
+from gptjax import storage
 from gptjax.chat_template import Messages, validate_messages
 from gptjax.config import DataConfig
 from gptjax.data import pipeline, sft, tfds_catalog
@@ -130,7 +131,7 @@ def read_chatterbot(path: Path) -> Iterator[Record]:
 
 def read_jsonl(path: Path) -> Iterator[Record]:
     """One record per non-blank line of a JSONL file: ``{"messages": [...]}``."""
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
             try:
@@ -238,7 +239,7 @@ def local_records(data: DataConfig, bad: list[str]) -> tuple[list, list, str]:
         train, val = _hash_split(keep_valid(records, bad), data.val_fraction)
         what = f"{len(files)} files of chatterbot-corpus {version}"
         return train, val, f"{data.source}: {what}, {split_rule}"
-    path = Path(rest).expanduser()
+    path = storage.path(rest)
     if not rest or not path.exists():
         raise GptjaxError(
             f"data.source={data.source!r}: no such file or folder; give a .jsonl file or a "

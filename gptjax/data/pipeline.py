@@ -29,6 +29,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from gptjax import storage
 from gptjax.config import DataConfig
 from gptjax.data import text as text_sources
 from gptjax.errors import GptjaxError
@@ -57,6 +58,12 @@ class Corpus:
 def cache_root(data: DataConfig) -> Path:
     """``data.cache_dir``, else ``$GPTJAX_CACHE``, else ``~/.cache/gptjax``."""
     root = data.cache_dir or os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
+    if storage.is_remote(root):
+        raise GptjaxError(
+            f"data.cache_dir={root!r}: the tokenized datasets are memory-mapped from local "
+            f"disk; give a local folder (each host builds its copy in seconds, content-hashed), "
+            f"and keep gs:// for --workdir, data.source and data.tokenizer"
+        )
     return Path(root).expanduser()
 
 

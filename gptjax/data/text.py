@@ -32,6 +32,7 @@ import grain
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 
+from gptjax import storage
 from gptjax.config import DataConfig
 from gptjax.data import tfds_catalog
 from gptjax.errors import GptjaxError
@@ -165,11 +166,8 @@ def _read_text_file(path: Path) -> str:
 
 def _text_files(root: Path) -> list[Path]:
     files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in (".txt", ".md")
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        (p for p in storage.files_under(root) if p.suffix.lower() in (".txt", ".md")),
+        key=lambda p: p.parts,
     )
     if not files:
         raise GptjaxError(
@@ -199,7 +197,7 @@ def _split_by_characters(docs: list[str], val_fraction: float) -> tuple[list[str
 def local_text(path_text: str, val_fraction: float) -> LocalText:
     """Reads ``text:PATH`` (a file, a folder of .txt/.md, or train.txt + val.txt)."""
     source = f"text:{path_text}"
-    path = Path(path_text).expanduser()
+    path = storage.path(path_text)
     if not path_text or not path.exists():
         raise GptjaxError(
             f"data.source={source!r}: no such file or folder; give an existing "

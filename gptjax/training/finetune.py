@@ -30,7 +30,7 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from gptjax import checkpoint, hf, lora
+from gptjax import checkpoint, hf, lora, storage
 from gptjax.config import Config, ModelConfig, validate
 from gptjax.data import dialogues, sft
 from gptjax.errors import GptjaxError
@@ -67,7 +67,7 @@ def finetune_config(
     ours = {key: getattr(config.model, key) for key in FROM_FINETUNE_CONFIG}
     vocab = max(base.model.vocab_size, tokenizer.vocab_size)
     model = dataclasses.replace(base.model, vocab_size=vocab, **ours)
-    data = dataclasses.replace(config.data, tokenizer=str(Path(init_from).absolute()))
+    data = dataclasses.replace(config.data, tokenizer=storage.text(storage.absolute(init_from)))
     return dataclasses.replace(config, model=model, data=data)
 
 
@@ -76,12 +76,12 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tunes the model of ``init_from`` on ``config.data.source`` dialogues in
     ``workdir`` (resuming from its own checkpoints if any) and returns the final metrics."""
-    validate(config)
+    validate(config, fine_tune=True)  # before anything is read or imported
     say = lead_only(log)
     init_from = _local(init_from, workdir, say)
     base, tokenizer = read_workdir(init_from)
     tokenizer = _chat_ready(tokenizer, say)
-    config = finetune_config(config, base, init_from, tokenizer)
+    config = validate(finetune_config(config, base, init_from, tokenizer))  # the real shape
     chats = dialogues.load_dialogues(config.data, tokenizer, log=say)
     train, val = batching(config, tokenizer)
     task = Task(
@@ -106,8 +106,8 @@ def _local(init_from: str | Path, workdir: str | Path, say: Log) -> Path:
     """``init_from`` as a gptjax model directory: a Hugging Face model is imported into
     ``WORKDIR/base-model`` once (by process 0; the others wait for it)."""
     if not hf.is_hf_source(init_from):
-        return Path(init_from)
-    target = Path(workdir) / "base-model"
+        return storage.path(init_from)
+    target = storage.path(workdir) / "base-model"
     if jax.process_index() == 0 and not (target / "config.json").is_file():
         hf.import_hf(str(init_from), target, log=say)
     if jax.process_count() > 1:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, curves, distributed, lora, sharding
+from gptjax import checkpoint, curves, distributed, lora, sharding, storage
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.data.pipeline import Batching
@@ -145,7 +145,7 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
     """The loop shared by pretraining and fine-tuning: preflight → init or resume → train
     (log, evaluate, sample, checkpoint) → final checkpoint. Returns the final metrics; after a
     SIGTERM/SIGINT stop they include ``stopped_at_step`` and ``stopped_by``."""
-    workdir, say = Path(workdir), lead_only(log)
+    workdir, say = storage.path(workdir), lead_only(log)
     shape = preflight(config)
     distributed.check_shared_workdir(workdir)  # several processes: one folder, or stop now
     say(task.description)
@@ -183,6 +183,7 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
                 workdir, enabled=jax.process_index() == 0, resume_step=_host_step(state)
             )
             state, final = loop.train(state, stop)
+            loop.writer.close()  # every record written (uploaded, for a gs:// workdir)
             if jax.process_index() == 0:  # the picture of the run, beside its metrics
                 curves.plot([workdir], workdir / curves.CURVES_FILE)
         finally:
@@ -394,6 +395,8 @@ class _Loop:
             tokenizer=self.task.tokenizer,
             val_loss=val_loss,
         )
+        if self.writer is not None:
+            self.writer.sync()  # a gs:// workdir's metrics, up to this checkpoint
 
     def stop(self, state, step: int, signal_name: str) -> dict[str, Any]:
         """Saves ``step`` and waits until it is on disk: the job may be killed right after."""
