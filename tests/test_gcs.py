@@ -285,3 +285,9 @@ def test_a_gs_cache_dir_is_refused_in_one_line():
 
     with pytest.raises(GptjaxError, match="memory-mapped from local disk; give a local folder"):
         cache_root(config.data)
+
+
+def test_a_gs_uri_mangled_by_pathlib_is_named():
+    # pathlib.Path("gs://b/x") is "gs:/b/x": a local folder named "gs:" unless it is caught.
+    with pytest.raises(GptjaxError, match="'gs:/b/x' is a mangled gs:// URI"):
+        storage.path(Path("gs://b/x"))
