@@ -12,6 +12,8 @@ What object storage cannot do, and what gptjax does instead:
   uploaded whole (``gptjax/metrics.py``); no atomic rename: ``write_atomic`` writes the object
   in one request (an object appears whole or not at all).
 * no folders: ``mkdir`` is a no-op and a "folder" exists once an object is under it.
+* no memory-mapping: a ``gs://`` data cache is a local mirror whose entries are fetched and
+  published whole (``mirror``, ``fetch``, ``publish``).
 
 The first use of a bucket in a process checks it with one listing request, so a missing bucket,
 missing credentials or a missing permission is one clear error before any work starts, not a
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,70 @@ def upload_tree(local: Path, remote: Any) -> None:
         for name in files:
             source = Path(root) / name
             (remote / str(source.relative_to(local))).write_bytes(source.read_bytes())
+
+
+# ----------------------------------------------------------------------------- a shared cache
+
+COMPLETE = ".complete"  # beside an entry of a bucket cache: written once the entry is whole
+_MIRRORS: dict[Path, str] = {}  # local folder → the gs:// folder it mirrors
+
+
+def mirror(uri: str) -> Path:
+    """A local folder standing for the ``gs://`` folder ``uri``, a cache shared by every host
+    and run: the code reads and writes entries locally (memory-mapped datasets, token arrays),
+    ``fetch`` downloads an entry that another host built, ``publish`` uploads one built here.
+    The local copy lives under ``$GPTJAX_CACHE`` (default ``~/.cache/gptjax``) in ``gs/``."""
+    path(uri)  # checks the bucket
+    base = Path(os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax").expanduser()
+    local = base / "gs" / uri[len("gs://") :].strip("/")
+    _MIRRORS[local] = uri.rstrip("/")
+    return local
+
+
+def _remote_of(local: Path) -> Any:
+    for root, uri in _MIRRORS.items():
+        if local == root or root in local.parents:
+            return path(f"{uri}/{local.relative_to(root).as_posix()}")
+    return None
+
+
+def _marker(remote: Any) -> Any:
+    return remote.parent / f"{remote.name}{COMPLETE}"
+
+
+def fetch(local: Path) -> bool:
+    """Whether the cache entry ``local`` (a file or a folder) is here, after downloading it
+    when it is a mirrored entry that is complete in the bucket and not here yet."""
+    remote = _remote_of(local)
+    if remote is None or local.exists() or not _marker(remote).exists():
+        return local.exists()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+    try:
+        if remote.is_dir():
+            for source in files_under(remote):
+                target = tmp / "entry" / os.fspath(source)[len(os.fspath(remote)) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(source.read_bytes())
+        else:
+            (tmp / "entry").write_bytes(remote.read_bytes())
+        os.replace(tmp / "entry", local)  # whole or not at all, as a local build
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def publish(local: Path) -> None:
+    """Uploads the cache entry ``local`` to the bucket it mirrors, unless it is there already
+    (the marker, written last, says so). A no-op for an entry of a local cache."""
+    remote = _remote_of(local)
+    if remote is None or _marker(remote).exists():
+        return
+    if local.is_dir():
+        upload_tree(local, remote)
+    else:
+        remote.write_bytes(local.read_bytes())
+    _marker(remote).write_text("complete\n")
 
 
 @functools.cache

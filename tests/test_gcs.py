@@ -277,14 +277,34 @@ def test_unusable_storage_is_one_clear_error(case, tmp_path, monkeypatch):
             server.shutdown()
 
 
-def test_a_gs_cache_dir_is_refused_in_one_line():
-    config = gptjax.apply_overrides(
-        gptjax.load_experiment("tiny"), ["--data.cache_dir=gs://b/cache"]
-    )
-    from gptjax.data.pipeline import cache_root
+def test_a_gs_cache_dir_is_built_by_one_host_and_fetched_by_another(
+    gcs, baseline, tmp_path, monkeypatch
+):
+    """data.cache_dir=gs://: host a trains the tokenizer, materialises the dataset and
+    tokenizes; host b (another local cache) fetches all three and builds nothing."""
+    from gptjax.data.pipeline import load_corpus
 
-    with pytest.raises(GptjaxError, match="memory-mapped from local disk; give a local folder"):
-        cache_root(config.data)
+    data = gptjax.apply_overrides(
+        gptjax.load_experiment("tiny"),
+        [f"--data.source=text:{_gs('corpus')}", f"--data.cache_dir={_gs('cache')}"],
+    ).data
+    corpora, logs = [], []
+    for host in ("a", "b"):
+        monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / host))  # each host's local copy
+        lines = []
+        corpora.append(load_corpus(data, log=lines.append))
+        logs.append("\n".join(lines))
+    assert "training a bpe tokenizer" in logs[0] and "materialising" in logs[0], logs[0]
+    assert "tokenized train" in logs[0]
+    for built in ("training a", "materialising", "tokenized"):
+        assert built not in logs[1], logs[1]
+    assert "reusing tokenizer" in logs[1] and "reusing materialised dataset" in logs[1]
+    np.testing.assert_array_equal(corpora[0].train_tokens, corpora[1].train_tokens)
+    np.testing.assert_array_equal(corpora[0].val_tokens, corpora[1].val_tokens)
+    assert corpora[0].tokenizer.to_bytes() == corpora[1].tokenizer.to_bytes()
+    markers = [n for n in gcs.objects(BUCKET, "cache/") if n.endswith(storage.COMPLETE)]
+    kinds = sorted(n.split("/")[1] for n in markers)
+    assert kinds == ["datasets", "tokenizers", "tokens", "tokens"], markers
 
 
 def test_a_gs_uri_mangled_by_pathlib_is_named():

@@ -56,14 +56,12 @@ class Corpus:
 
 
 def cache_root(data: DataConfig) -> Path:
-    """``data.cache_dir``, else ``$GPTJAX_CACHE``, else ``~/.cache/gptjax``."""
+    """``data.cache_dir``, else ``$GPTJAX_CACHE``, else ``~/.cache/gptjax``. A ``gs://``
+    cache_dir is shared through a local mirror: entries are fetched from the bucket when another
+    host built them and published when built here (``storage.fetch`` / ``storage.publish``)."""
     root = data.cache_dir or os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
-    if storage.is_remote(root):
-        raise GptjaxError(
-            f"data.cache_dir={root!r}: the tokenized datasets are memory-mapped from local "
-            f"disk; give a local folder (each host builds its copy in seconds, content-hashed), "
-            f"and keep gs:// for --workdir, data.source and data.tokenizer"
-        )
+    if storage.is_remote(root):  # shared by every host: entries built once, fetched elsewhere
+        return storage.mirror(root)
     return Path(root).expanduser()
 
 
@@ -102,7 +100,8 @@ def tokenizer_for(data: DataConfig, source: text_sources.Source, root: Path, log
     size = 0 if data.tokenizer_type == "char" else data.tokenizer_vocab_size
     key = hashlib.sha256(f"{source.key}|{data.tokenizer_type}|{size}".encode()).hexdigest()
     path = root / "tokenizers" / f"{key[:20]}.model"
-    if path.is_file():
+    if storage.fetch(path):
+        storage.publish(path)
         log(f"reusing tokenizer {path}")
         return SentencePieceTokenizer.load(path)
     log(
@@ -116,6 +115,7 @@ def tokenizer_for(data: DataConfig, source: text_sources.Source, root: Path, log
         vocab_size=data.tokenizer_vocab_size,
     )
     tokenizer.save(path)  # atomic: concurrent processes never read a half-written model
+    storage.publish(path)
     log(f"trained tokenizer → {path} in {time.perf_counter() - start:.1f}s")
     return tokenizer
 
@@ -150,7 +150,8 @@ def _cached_tokens(
 ) -> np.ndarray:
     """``tokenize``, cached under ``<cache>/tokens/`` and memory-mapped on reuse."""
     path = root / "tokens" / f"{source_key}-{tokenizer.fingerprint}-{split}.npy"
-    if path.is_file():
+    if storage.fetch(path):
+        storage.publish(path)
         return np.load(path, mmap_mode="r")
     start = time.perf_counter()
     tokens = tokenize(texts, tokenizer)
@@ -159,6 +160,7 @@ def _cached_tokens(
     with open(tmp, "wb") as f:
         np.save(f, tokens)
     os.replace(tmp, path)
+    storage.publish(path)
     log(
         f"tokenized {split}: {len(texts):,} documents → {len(tokens):,} tokens in "
         f"{time.perf_counter() - start:.1f}s ({path})"

@@ -303,10 +303,12 @@ def materialise(text: LocalText, datasets_dir: Path, log: Log) -> Path:
     A second call with the same documents finds the prepared dataset and writes nothing.
     """
     data_dir = datasets_dir / text.content_hash
+    storage.fetch(data_dir)  # from a gs:// data.cache_dir, when another host built it
     with _quiet_tfds():
         builder = GptjaxText(documents=text, data_dir=data_dir, file_format="array_record")
         if builder.is_prepared():
             log(f"reusing materialised dataset {data_dir}")
+            storage.publish(data_dir)
             return data_dir
         log(
             f"materialising {len(text.train)} + {len(text.validation)} documents as "
@@ -314,6 +316,7 @@ def materialise(text: LocalText, datasets_dir: Path, log: Log) -> Path:
         )
         start = time.perf_counter()
         builder.download_and_prepare()
+    storage.publish(data_dir)
     log(f"materialised in {time.perf_counter() - start:.1f}s")
     return data_dir
 
