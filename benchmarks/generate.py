@@ -34,16 +34,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from report import write_json  # benchmarks/report.py, beside this script
 
 from gptjax.config import MODEL_PRESETS, ModelConfig
 from gptjax.inference.decode import (
@@ -306,8 +305,6 @@ def main() -> None:
         if name not in MODELS:
             raise SystemExit(f"--models: unknown model {name!r}; choose from {', '.join(MODELS)}")
         rows += bench_model(name, MODELS[name], args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,
         "devices": str(jax.devices()),
@@ -317,8 +314,7 @@ def main() -> None:
         "prompt_len": PROMPT_LEN,
         "hf": "measured in this run" if args.hf else "not measured",
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import write_json  # benchmarks/report.py, beside this script
 
 SHAPES = {
     # TinyLlama/TinyLlama-1.1B-Chat-v1.0's config.json
@@ -587,10 +588,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "peak": "VmHWM of a fresh child process, reset per stage (clear_refs), max over stages",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":

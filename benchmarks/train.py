@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from report import write_json  # benchmarks/report.py, beside this script
 
 from gptjax.config import (
     MODEL_PRESETS,
@@ -309,10 +308,7 @@ def main() -> None:
         "load_average_after": os.getloadavg()[0],
         "torch": "measured in this run" if args.torch else "not measured",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}")
+    write_json(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -109,10 +109,10 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.enabled and not self._jsonl.closed:
+            self.sync()  # the last records, for a gs:// workdir
             self._jsonl.close()
             self._tb.close()
-            if self._remote is not None:
-                storage.upload_tree(Path(self._mirror.name), self._remote)
+            if self._mirror is not None:
                 self._mirror.cleanup()
 
     def __enter__(self) -> MetricsWriter:

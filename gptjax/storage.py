@@ -63,11 +63,6 @@ def absolute(p: str | os.PathLike) -> Any:
     return path(p) if is_remote(p) else Path(p).expanduser().absolute()
 
 
-def text(p: Any) -> str:
-    """``p`` as a string that ``path`` turns back into the same place."""
-    return os.fspath(p)
-
-
 def bucket_of(uri: str) -> str:
     bucket = uri[len("gs://") :].split("/", 1)[0]
     if not bucket:

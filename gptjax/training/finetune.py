@@ -22,6 +22,7 @@ says so.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def finetune_config(
     ours = {key: getattr(config.model, key) for key in FROM_FINETUNE_CONFIG}
     vocab = max(base.model.vocab_size, tokenizer.vocab_size)
     model = dataclasses.replace(base.model, vocab_size=vocab, **ours)
-    data = dataclasses.replace(config.data, tokenizer=storage.text(storage.absolute(init_from)))
+    data = dataclasses.replace(config.data, tokenizer=os.fspath(storage.absolute(init_from)))
     return dataclasses.replace(config, model=model, data=data)
 
 
