@@ -18,6 +18,12 @@ Shapes (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied head):
 vocabulary 65; ``small`` — 6 × 6 × 384, T 256, B 16, vocabulary 65; ``default`` —
 experiments/shakespeare.py's model (4 × 6 × 192, T 128, B 32, vocabulary 2048).
 
+``--profile`` adds where gptjax's step spends its time: a per-op profile of one step (k = 1)
+from jax's profiler, summed by part of the model, forward and backward (``op_profile.py``).
+``--attention`` adds the attention alone (forward, and forward + backward) through each
+``model.attention_impl`` that runs on the device: ``jax.nn.dot_product_attention`` ("xla") and
+``attend_einsum`` ("einsum"), the numbers behind ``attention_implementation``'s CPU choice.
+
 ``--preset NAME`` instead times one preset of ``gptjax.config.MODEL_PRESETS`` (GPT-2 124M:
 ``gpt2``) at ``--seq`` with ``--batch`` (``auto``: the largest power of two that fits), in the
 device's default compute dtype (bfloat16 on GPU/TPU), and reports tokens/s, model FLOPs
@@ -37,9 +43,12 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import op_profile  # benchmarks/op_profile.py, beside this script
 from report import write_json  # benchmarks/report.py, beside this script
 
+from gptjax import sharding
 from gptjax.config import (
     MODEL_PRESETS,
     Config,
@@ -49,8 +58,8 @@ from gptjax.config import (
     load_experiment,
 )
 from gptjax.metrics import flops_per_token, peak_flops
-from gptjax.model import GPT, count_params
-from gptjax.training.steps import compile_steps
+from gptjax.model import GPT, attend, count_params
+from gptjax.training.steps import compile_steps, plan_sharded
 
 GPT2_STYLE = dict(position="learned", norm="layernorm", activation="gelu", use_bias=True)
 
@@ -140,6 +149,56 @@ def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
     }
 
 
+def profile_gptjax(shape: Shape, args) -> dict[str, float]:
+    """Per-op profile of one gptjax step (k = 1): ms per step by part of the model."""
+    config = Config(
+        model=shape.model,
+        train=TrainConfig(steps=10**6, batch_size=shape.batch, warmup_steps=10),
+        mesh=MeshConfig(data=1),
+    )
+    plan = plan_sharded(config, GPT(config.model), jax.devices()[:1])
+    with plan.context():
+        state = plan.init(jax.random.PRNGKey(0))
+        batch = sharding.global_batch(_batches(shape, 1)[0], plan.mesh)
+        compiled = plan.train.lower(state, batch).compile()
+    for _ in range(1 + args.warmup):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+    result = op_profile.profile(compiled, (state, batch), calls=args.profile_calls)
+    return {"wall_ms": result["wall_ms"], **result["categories"]}
+
+
+def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
+    """ms of the attention alone at the shape, forward and forward + backward, per impl."""
+    m = shape.model
+    rng = np.random.default_rng(0)
+
+    def draw(heads):
+        return jnp.asarray(rng.standard_normal((shape.batch, shape.seq, heads, m.head_dim)))
+
+    q, k, v = draw(m.num_heads), draw(m.kv_heads), draw(m.kv_heads)
+    impls = ["xla", "einsum"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    out = {}
+    for impl in impls:
+        args_ = (q, k, v) if impl != "cudnn" else tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+
+        def loss(q, k, v, impl=impl):
+            return jnp.sum(attend(q, k, v, None, impl).astype(jnp.float32))
+
+        forward = jax.jit(lambda q, k, v, impl=impl: attend(q, k, v, None, impl))
+        backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        out[impl] = {}
+        for name, fn in (("forward", forward), ("forward_backward", backward)):
+            jax.block_until_ready(fn(*args_))
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args_))
+                times.append(time.perf_counter() - t0)
+            out[impl][name] = _median_ms(times)
+    return out
+
+
 def time_torch(shape: Shape, args) -> dict[str, float]:
     import torch
     import transformers
@@ -212,6 +271,28 @@ def bench_shapes(args) -> list[dict]:
                 row["speedup"] = row["gptjax_tokens_per_sec"] / row["hf_tokens_per_sec"]
             rows.append(row)
             print(_line(row), flush=True)
+        first = next(r for r in rows if r["shape"] == name)
+        if args.attention:
+            first["attention_ms"] = time_attention(shape, args)
+        if args.profile:
+            first["profile_ms"] = profile_gptjax(shape, args)
+    for row in rows:
+        if "attention_ms" in row:
+            print(f"\nattention alone at {row['shape']} (ms, median of {args.steps}):")
+            for impl, t in row["attention_ms"].items():
+                print(
+                    f"  {impl:<7} forward {t['forward']:8.2f}  forward+backward "
+                    f"{t['forward_backward']:8.2f}"
+                )
+        if "profile_ms" in row:
+            prof = row["profile_ms"]
+            print(
+                f"\nwhere a {row['shape']} step goes (k=1, profiled wall {prof['wall_ms']:.1f} "
+                f"ms/step; ms per step, leaf XLA ops):"
+            )
+            for part, ms in prof.items():
+                if part != "wall_ms":
+                    print(f"  {part:<42} {ms:8.1f}  {ms / prof['wall_ms']:6.1%}")
     return rows
 
 
@@ -282,6 +363,9 @@ def main() -> None:
         help="comma-separated: a row for each (k steps in one compiled call)",
     )
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--profile", action="store_true", help="per-op profile of each shape")
+    parser.add_argument("--profile-calls", type=int, default=3, help="steps profiled")
+    parser.add_argument("--attention", action="store_true", help="time each attention_impl")
     parser.add_argument("--preset", default=None, help="time one MODEL_PRESETS row instead")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", default="auto")

@@ -54,8 +54,9 @@ class ModelConfig:
     # Pair it with scan_layers: unscanned, XLA is free to schedule the recomputation early and
     # on CPU keeps every activation anyway (benchmarks/scale.py measures both).
     remat: str = "none"
-    # jax.nn.dot_product_attention's implementation: "xla", "cudnn" (NVIDIA GPU, bfloat16 or
-    # float16), or "auto" (cudnn where it can run, xla elsewhere).
+    # Attention: jax.nn.dot_product_attention's "xla" or "cudnn" (NVIDIA GPU, bfloat16 or
+    # float16), "einsum" (two batched matmuls, faster on XLA:CPU: gptjax/model.py), or "auto"
+    # (cudnn where it can run, einsum on CPU, xla elsewhere).
     attention_impl: str = "auto"
     # LoRA adapters on the attention and MLP matrices (gptjax/lora.py), for fine-tuning only:
     # `gptjax finetune --model.lora_rank=8` trains them with every pretrained weight frozen, and
@@ -384,7 +385,7 @@ def validate(config: Config, *, fine_tune: bool = False) -> Config:
         ("model.norm", m.norm, ("layernorm", "rmsnorm")),
         ("model.activation", m.activation, ("gelu", "swiglu")),
         ("model.dtype", m.dtype, ("auto", "float32", "bfloat16")),
-        ("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn")),
+        ("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn", "einsum")),
         ("model.remat", m.remat, REMAT_POLICIES),
         ("data.tokenizer_type", d.tokenizer_type, ("bpe", "unigram", "char")),
         ("data.on_bad_record", d.on_bad_record, ("error", "skip")),

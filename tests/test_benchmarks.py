@@ -25,9 +25,19 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_train_benchmark_measures_gptjax_and_the_pytorch_peer(tmp_path):
     out = tmp_path / "train.json"
     args = ["--shapes", "char", "--steps", "2", "--warmup", "1", "--steps-per-call", "1,2"]
-    result = _run("train.py", *args, "--out", str(out))
-    assert "torch tok/s" in result.stdout
+    result = _run("train.py", *args, "--profile", "--attention", "--out", str(out))
+    assert "torch tok/s" in result.stdout and "where a char step goes" in result.stdout
     rows = json.loads(out.read_text())["rows"]
+    # The per-op profile: every part of the model shows up, forward and backward, and the
+    # parts account for the step (two XLA threads may overlap, the profiler adds a little).
+    profile = rows[0].pop("profile_ms")
+    for part in ("attention core", "attention projections", "MLP", "norms"):
+        assert profile[f"{part} (forward)"] > 0 and profile[f"{part} (backward)"] > 0, part
+    parts = sum(ms for key, ms in profile.items() if key != "wall_ms")
+    assert 0.8 * profile["wall_ms"] < parts < 2 * profile["wall_ms"], profile
+    attention = rows[0].pop("attention_ms")
+    assert set(attention) == {"xla", "einsum"}
+    assert all(t["forward_backward"] > t["forward"] > 0 for t in attention.values()), attention
     assert [(r["shape"], r["steps_per_call"]) for r in rows] == [("char", 1), ("char", 2)]
     for row in rows:
         for key in ("gptjax_step_ms", "gptjax_tokens_per_sec", "hf_step_ms", "hf_tokens_per_sec"):

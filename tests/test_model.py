@@ -285,6 +285,36 @@ def test_bfloat16_compute_is_close_to_float32(style):
     assert np.mean(out16.argmax(-1) == out32.argmax(-1)) >= 0.9
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_attention_implementations_agree(heads, kv_heads):
+    """attend_einsum (the CPU default) against jax.nn.dot_product_attention: outputs and
+    gradients, causal and with a packed-segment mask, with and without grouped kv heads."""
+    rng = np.random.default_rng(0)
+    b, t, k = 2, 16, 8
+
+    def draw(h):
+        return jnp.asarray(rng.standard_normal((b, t, h, k)), jnp.float32)
+
+    q, key, value = draw(heads), draw(kv_heads), draw(kv_heads)
+    segments = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((b, t, heads, k)), jnp.float32)
+    for mask in (None, M.causal_segment_mask(segments)):
+
+        def loss(impl, *qkv, mask=mask):
+            return jnp.sum(M.attend(*qkv, mask, impl) * weights)
+
+        want = M.attend(q, key, value, mask, "xla")
+        got = M.attend(q, key, value, mask, "einsum")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        want_grads = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, key, value)
+        grads = jax.grad(functools.partial(loss, "einsum"), argnums=(0, 1, 2))(q, key, value)
+        for got_g, want_g in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-5)
+    c = dataclasses.replace(LLAMA_STYLE, attention_impl="auto")
+    assert M.attention_implementation(c) == "einsum"  # this suite runs on CPU
+    assert M.attention_implementation(dataclasses.replace(c, attention_impl="xla")) == "xla"
+
+
 def test_dropout():
     c = dataclasses.replace(GPT2_STYLE, dropout_rate=0.2)
     params = _random_params(c)
