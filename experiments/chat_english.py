@@ -11,20 +11,20 @@ languages:
 `--data.source=chatterbot:chinese` (the tokenizer's byte fallback keeps any text lossless).
 
 Hardware: 2 CPU cores, nothing else running. Measured on experiments/shakespeare.py's model
-as pretrained by `gptjax quickstart`: 103 s for 300 steps of 16 packed rows (3.6 steps/s, 25
-steps per compiled call; one step per call: ~2.2 minutes); assistant-token val loss 8.01
-before fine-tuning (the pretrained model), then 3.35 / 3.14 / 3.08 at steps 100 / 200 / 300
+as pretrained by `gptjax quickstart`: 103-109 s for 300 steps of 16 packed rows (~3 steps/s,
+25 steps per compiled call; one step per call: ~2.2 minutes); assistant-token val loss 8.00
+before fine-tuning (the pretrained model), then 3.36 / 3.13 / 3.07 at steps 100 / 200 / 300
 (train loss 1.16: the English corpus is small and mostly repeats). The quickstart's three
 exchanges (temperature 0.5, seed 0):
 
     you> Hello, how are you?
-    assistant> I do not a simple chat robote.  I can talk to me.  It think I have a lack.
+    assistant> I am not a simple chat robotraticity.
     you> What is your name?
-    assistant> I do not read many corry feeling.
+    assistant> I do not make simple Colon.  It is that Isue to actions to excription.
     you> Tell me a joke.
-    assistant> I do not a simple. i do not get when you chat robotions.
+    assistant> I do not a boying number in the number.
 
-A 2.2M-parameter model after 9 CPU minutes: it answers in the corpus' register, not sensibly.
+A 2.2M-parameter model after 10 CPU minutes: it answers in the corpus' register, not sensibly.
 
 LoRA instead of full fine-tuning (`--model.lora_rank=8 --train.learning_rate=5e-3
 --train.min_learning_rate=5e-4 --train.weight_decay=0.0`, same pretrained model): 110,592

@@ -110,8 +110,9 @@ def attention_implementation(config: ModelConfig) -> str:
 
     * cudnn on an NVIDIA GPU computing in bfloat16 or float16 (cuDNN's fused attention);
     * einsum on CPU (``attend_einsum``): XLA:CPU runs it faster than
-      ``jax.nn.dot_product_attention``'s xla path (``python benchmarks/train.py --attention``:
-      forward + backward 1.3-1.6x faster at the char, small and default shapes);
+      ``jax.nn.dot_product_attention``'s xla path (whole train steps, A/B in one process, 2
+      cores: 5-12% faster at the benchmark shapes; ``python benchmarks/train.py --attention``
+      times the attention alone);
     * xla (``jax.nn.dot_product_attention``) elsewhere.
     """
     if config.attention_impl != "auto":

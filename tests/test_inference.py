@@ -15,12 +15,12 @@ from flax import linen as nn
 
 from gptjax import model as M
 from gptjax.config import Config, ModelConfig
-from gptjax.inference.decode import PROMPT_BUCKET, _decode, _prefill, generate, generate_batch
+from gptjax.inference.decode import _decode, _prefill, generate, generate_batch, prompt_bucket
 from gptjax.inference.generator import Generator
 from gptjax.inference.sampling import sample_logits
 from gptjax.tokenizer import Tokenizer
 
-# Small configs (vocab 100 padded to 128 rows). max_len 128: two prompt buckets (64, 128) and
+# Small configs (vocab 100 padded to 128 rows). max_len 128: prompt buckets 16, 32, 64, 128 and
 # two attention windows over the cache (64, 128; see model.cache_windows).
 GPT2_STYLE = ModelConfig(
     vocab_size=100, num_layers=2, num_heads=4, embed_dim=64, max_len=128, position="learned",
@@ -232,25 +232,29 @@ def test_streaming_hook_sees_tokens_in_order_while_they_are_made():
 
 
 def test_no_recompilation_within_a_prompt_bucket():
-    assert PROMPT_BUCKET == 64
+    assert [prompt_bucket(n, 128) for n in (1, 16, 17, 32, 33, 64, 65, 128)] == [
+        16, 16, 32, 32, 64, 64, 128, 128
+    ]  # fmt: skip
+    assert prompt_bucket(200, 1024) == 256 and prompt_bucket(20, 24) == 24
     _prefill.clear_cache()
     _decode.clear_cache()
 
     def compiled():
         return _prefill._cache_size(), _decode._cache_size()
 
-    for lengths, n in [([3, 5, 1], 4), ([10, 33, 2], 9), ([64, 1, 1], 2), ([17, 30, 8], 30)]:
+    for lengths, n in [([3, 5, 1], 4), ([10, 16, 2], 9), ([16, 1, 1], 2), ([7, 12, 8], 30)]:
         _greedy(_prompts(lengths), max_new_tokens=n)
         assert compiled() == (1, 1)
-    _greedy(_prompts([65, 2, 3]), max_new_tokens=2)  # the next bucket: one more prefill
-    assert compiled() == (2, 1)
+    for i, lengths in enumerate([[17, 30, 8], [33, 64, 1], [65, 2, 3]]):  # 32, 64, 128
+        _greedy(_prompts(lengths), max_new_tokens=2)  # the next bucket: one more prefill
+        assert compiled() == (2 + i, 1)
     sample = functools.partial(
         generate_batch, _params(GPT2_STYLE), MODEL, _prompts([3, 5, 1]), max_new_tokens=3
     )
     sample(temperature=0.7, top_p=0.9)  # sampling instead of argmax: one more decode
-    assert compiled() == (2, 2)
+    assert compiled() == (4, 2)
     sample(temperature=1.3, top_p=0.5, seed=4)  # temperature, top_p and seed are traced
-    assert compiled() == (2, 2)
+    assert compiled() == (4, 2)
 
 
 def test_user_errors():
