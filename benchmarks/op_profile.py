@@ -42,11 +42,8 @@ def _source_paths(hlo_text: str) -> dict[str, str]:
 
 
 def category(source_path: str) -> str:
-    for name, pattern in CATEGORIES:
-        if re.search(pattern, source_path):
-            backward = "transpose(" in source_path
-            return f"{name} ({'backward' if backward else 'forward'})"
-    raise AssertionError("the last pattern matches everything")
+    name = next(name for name, pattern in CATEGORIES if re.search(pattern, source_path))
+    return f"{name} ({'backward' if 'transpose(' in source_path else 'forward'})"
 
 
 def _leaf_times(xspace_file: Path) -> collections.Counter:
@@ -88,5 +85,4 @@ def profile(compiled, args: tuple, calls: int, steps_per_call: int = 1) -> dict:
     return {
         "wall_ms": wall_ms,
         "categories": dict(per_category.most_common()),
-        "state": args[0],
     }

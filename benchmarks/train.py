@@ -122,9 +122,14 @@ def _median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
 
 
-def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
+def _config(shape: Shape, k: int) -> Config:
+    """One device, ``k`` optimizer steps per compiled call, a schedule that never ends."""
     train = TrainConfig(steps=10**6, batch_size=shape.batch, warmup_steps=10, steps_per_call=k)
-    config = Config(model=shape.model, train=train, mesh=MeshConfig(data=1))
+    return Config(model=shape.model, train=train, mesh=MeshConfig(data=1))
+
+
+def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
+    config = _config(shape, k)
     start = time.perf_counter()
     steps = compile_steps(config, GPT(config.model), devices=jax.devices()[:1])
     train, put = (steps.train_many, steps.put_batches) if k > 1 else (steps.train, None)
@@ -151,11 +156,7 @@ def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
 
 def profile_gptjax(shape: Shape, args) -> dict[str, float]:
     """Per-op profile of one gptjax step (k = 1): ms per step by part of the model."""
-    config = Config(
-        model=shape.model,
-        train=TrainConfig(steps=10**6, batch_size=shape.batch, warmup_steps=10),
-        mesh=MeshConfig(data=1),
-    )
+    config = _config(shape, 1)
     plan = plan_sharded(config, GPT(config.model), jax.devices()[:1])
     with plan.context():
         state = plan.init(jax.random.PRNGKey(0))
@@ -180,7 +181,7 @@ def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
     impls = ["xla", "einsum"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
     out = {}
     for impl in impls:
-        args_ = (q, k, v) if impl != "cudnn" else tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+        qkv = (q, k, v) if impl != "cudnn" else tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
 
         def loss(q, k, v, impl=impl):
             return jnp.sum(attend(q, k, v, None, impl).astype(jnp.float32))
@@ -189,11 +190,11 @@ def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
         backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         out[impl] = {}
         for name, fn in (("forward", forward), ("forward_backward", backward)):
-            jax.block_until_ready(fn(*args_))
+            jax.block_until_ready(fn(*qkv))
             times = []
             for _ in range(args.steps):
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args_))
+                jax.block_until_ready(fn(*qkv))
                 times.append(time.perf_counter() - t0)
             out[impl][name] = _median_ms(times)
     return out

@@ -542,7 +542,10 @@ def load_params(path: str | Path, abstract_params, step: int | None = None):
         # Without a sharding Orbax would reuse the saved one, which names the saving run's
         # devices (another process count, another machine): read those onto this host instead.
         host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-        unsharded = lambda x: getattr(x, "sharding", None) is None  # noqa: E731
+
+        def unsharded(x) -> bool:
+            return getattr(x, "sharding", None) is None
+
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host) if unsharded(x) else x,
             abstract_params,
