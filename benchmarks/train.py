@@ -13,6 +13,9 @@ random token batches, float32, median over ``--steps`` steps after ``--warmup``:
   ``GPT2LMHeadModel`` of the same shape, batch and sequence length, ``torch.optim.AdamW`` and
   ``clip_grad_norm_``, ``torch.set_num_threads(cores)``, dropout off, eager mode.
 
+Both run in one process that keeps the memory a step frees for the next step, as the training
+loop does on CPU (``gptjax.host_memory``).
+
 Shapes (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied head):
 ``char`` — nanoGPT's shakespeare_char CPU recipe, 4 layers × 4 heads × 128, T 64, B 12,
 vocabulary 65; ``small`` — 6 × 6 × 384, T 256, B 16, vocabulary 65; ``default`` —
@@ -48,7 +51,7 @@ import numpy as np
 import op_profile  # benchmarks/op_profile.py, beside this script
 from report import write_json  # benchmarks/report.py, beside this script
 
-from gptjax import sharding
+from gptjax import host_memory, sharding
 from gptjax.config import (
     MODEL_PRESETS,
     Config,
@@ -371,6 +374,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", default="auto")
     args = parser.parse_args()
+    # As the training loop runs: freed buffers stay in the process (both peers share it).
+    host_memory.keep_freed_memory()
     if args.torch is None:
         args.torch = _torch_available() and args.preset is None
     print(

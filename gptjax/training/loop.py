@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gptjax import checkpoint, curves, distributed, lora, sharding, storage
+from gptjax import checkpoint, curves, distributed, host_memory, lora, sharding, storage
 from gptjax.checkpoint import Checkpointer
 from gptjax.config import Config
 from gptjax.data.pipeline import Batching
@@ -172,6 +172,7 @@ def run(config: Config, workdir: str | Path, task: Task, *, log: Log = print) ->
             f"parameters ({trainable / num_params:.2%}); every pretrained weight is frozen"
         )
     t0 = time.time()
+    host_memory.keep_freed_memory()  # on CPU: each call reuses the last one's buffers
     steps = compile_steps(config, model, init_params=task.init_params)
     loop = _Loop(config, steps, task, ckpt, say, num_params, t0)
     # Signals are caught until the last save is on disk: a SIGTERM then only ends the run early.
