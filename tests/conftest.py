@@ -46,4 +46,3 @@ def _gptjax_cache(tmp_path_factory):
     """Keeps materialised datasets and tokenizers out of the user's ~/.cache."""
     if "GPTJAX_CACHE" not in os.environ:
         os.environ["GPTJAX_CACHE"] = str(tmp_path_factory.mktemp("gptjax_cache"))
-    yield
