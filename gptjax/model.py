@@ -279,12 +279,11 @@ def attend_einsum(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     """
     b, t, h, k_dim = q.shape
     s, g = k.shape[1], k.shape[2]
-    q = q * (1 / math.sqrt(k_dim))
+    q = (q * (1 / math.sqrt(k_dim))).transpose(0, 2, 1, 3)  # [B, H, T, K]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, S, K]
-    if g == h:
-        q, qs = q.transpose(0, 2, 1, 3), "bgtk"  # [B, H, T, K]
-    else:
-        q, qs = q.reshape(b, t, g, h // g, k_dim).transpose(0, 2, 3, 1, 4), "bgntk"
+    qs = "bgtk"  # q as [B, H, T, K] = [B, G, T, K] when each head has its own k/v
+    if g != h:  # query head n uses kv head n // N: [B, G, N, T, K]
+        q, qs = q.reshape(b, g, h // g, t, k_dim), "bgntk"
         mask = None if mask is None else mask[:, :, None]  # [B, 1, 1, T, S]
     ss = qs[:-1] + "s"  # scores: [B, G, (N,) T, S]
     scores = jnp.einsum(f"{qs},bgsk->{ss}", q, k, preferred_element_type=jnp.float32)
@@ -297,9 +296,7 @@ def attend_einsum(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
         f"{ss},bgsk->{qs}", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
     )
     y = (y / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)  # [B, G, (N,) T, K]
-    if g == h:
-        return y.transpose(0, 2, 1, 3)
-    return y.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
+    return y.reshape(b, h, t, k_dim).transpose(0, 2, 1, 3)  # [B, T, H, K]
 
 
 def cache_windows(cache_len: int) -> list[int]:
