@@ -21,7 +21,7 @@ measured when this file gave 4.2015 (the attention's float32 sums then ran in an
 none matches it, so the file keeps its settings:
 3 heads of 64 dims (steps ~12% faster: fewer, larger attention matmuls) 4.2145; the same, 700
 steps at learning rate 3e-3: 4.2133; 6 heads, 680 steps at 3e-3: 4.2623; batch 16 for 1200
-steps (3/4 of the tokens, ~6% fewer tokens/s): 4.2525.
+steps (3/4 of the tokens, ~7% fewer tokens/s): 4.2525.
 """
 
 from gptjax.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
