@@ -47,11 +47,12 @@ softmax and the logits are float32.
 
 KV cache (decoding, ``gptjax/inference/decode.py``): ``model.apply(variables, tokens, positions=...,
 cache=cache)`` returns ``(logits, cache)``. The cache is a plain pytree passed explicitly (no
-mutable Flax collection): per layer a pair ``(k, v)`` of ``[B*G, S, K]`` arrays, S = max_len,
-from ``init_cache``. A call writes its keys/values at slot = position (``positions [B, T]``; so a
-batch of prompts is right-padded, row b's token t sitting in slot t) and its queries attend to
-every slot <= their position; slots beyond are ignored, whatever they hold. The parameter tree is
-the same with or without a cache.
+mutable Flax collection): per layer a pair ``(k, v)``, each a tuple of blocks ``[B*G, S_j, K]``
+that together hold S = max_len slots (``cache_blocks``), from ``init_cache``. A call writes its
+keys/values at slot = position (``positions [B, T]``; so a batch of prompts is right-padded,
+row b's token t sitting in slot t) and its queries attend to every slot <= their position;
+slots beyond are ignored, whatever they hold. The parameter tree is the same with or without a
+cache.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
 
 Array = jax.Array
-# Per layer (k, v), each [B*G, S, K] (row b*G + g) in the compute dtype; see init_cache.
-KVCache = tuple[tuple[Array, Array], ...]
-LayerCache = tuple[Array, Array] | None
+# Per layer (k, v), each a tuple of blocks [B*G, S_j, K] (row b*G + g, slots cache_blocks) in the
+# compute dtype; see init_cache.
+LayerCache = tuple[tuple[Array, ...], tuple[Array, ...]] | None
+KVCache = tuple[LayerCache, ...]
 
 # Logit given to padded vocabulary ids: finite (no inf-inf NaNs in a loss), but exp() of it is 0
 # in float32, so sampling and softmax/cross-entropy equal those of an unpadded model.
@@ -306,68 +308,101 @@ def cache_windows(cache_len: int) -> list[int]:
     )
 
 
-def attend_cache(q: Array, k: Array, v: Array, positions: Array) -> Array:
-    """Attention of ``q [B, T, H, K]`` at ``positions [B, T]`` over a cache ``k, v [B*G, S, K]``.
+def cache_blocks(cache_len: int) -> list[tuple[int, int]]:
+    """The cache's blocks, slot ranges ``[lo, hi)`` between consecutive ``cache_windows``
+    (for 1024 slots: 0-128, 128-256, 256-512, 512-1024); each is an array of its own."""
+    windows = cache_windows(cache_len)
+    return list(zip([0, *windows[:-1]], windows, strict=True))
 
-    The query at position p sees cache slots 0..p (slot = position). Only the shortest
-    prefix in ``cache_windows`` that holds max(positions) + 1 slots is read (a ``lax.switch``
-    on a traced length, so shapes stay fixed): decoding need not stream the whole max_len
-    cache for a short context (GPT-2 124M, batch 8: the cache is as big as the weights).
+
+def attend_cache(q: Array, k: tuple[Array, ...], v: tuple[Array, ...], positions: Array) -> Array:
+    """Attention of ``q [B, T, H, K]`` at ``positions [B, T]`` over a cache whose k and v are
+    tuples of blocks ``[B*G, S_j, K]`` (``cache_blocks``).
+
+    The query at position p sees cache slots 0..p (slot = position). Only the blocks up to the
+    one holding max(positions) are read (a ``lax.switch`` on a traced length, so shapes stay
+    fixed): decoding need not stream the whole max_len cache for a short context (GPT-2 124M,
+    batch 8: the cache is as big as the weights). The blocks are separate arrays because a
+    prefix of one ``[B*G, S, K]`` array is strided: XLA:CPU copied it before every matmul, and
+    at batch 32 those copies took a quarter of each decoding step.
     """
-    windows = cache_windows(k.shape[1])
-    branches = [functools.partial(_attend_prefix, w) for w in windows]
+    branches = [functools.partial(_attend_blocks, n) for n in range(1, len(k) + 1)]
     if len(branches) == 1:
         return branches[0](q, k, v, positions)
-    index = jnp.sum(jnp.asarray(windows) <= jnp.max(positions))  # first w > max position
+    ends = np.cumsum([block.shape[1] for block in k])[:-1]  # [n - 1]
+    index = jnp.sum(jnp.asarray(ends) <= jnp.max(positions))  # blocks needed, minus one
     return jax.lax.switch(index, branches, q, k, v, positions)
 
 
-def _attend_prefix(window: int, q: Array, k: Array, v: Array, positions: Array) -> Array:
-    """``attend_cache`` over the first ``window`` slots.
+def _attend_blocks(n: int, q: Array, k: tuple, v: tuple, positions: Array) -> Array:
+    """``attend_cache`` over the first ``n`` blocks.
 
     The cache folds (B, G) into one leading axis so that both einsums are batched matmuls over
-    the cache as it lies. ``jax.nn.dot_product_attention`` wants ``[B, S, G, K]``, for which
+    each block as it lies. ``jax.nn.dot_product_attention`` wants ``[B, S, G, K]``, for which
     XLA:CPU transposes the whole cache on every decoding step; and with a separate B axis of
     size 1, XLA copied every layer's cache on every step. Same grouping as ``attend``: query
     head n reads kv head ``n // (H/G)``. Returns ``[B, T, H, K]``; the softmax is float32.
     """
     b, t, h, k_dim = q.shape
-    k, v = k[:, :window], v[:, :window]  # [B*G, W, K]
-    g = k.shape[0] // b
-    n = h // g  # query heads per kv head
-    q = q.reshape(b, t, g, n, k_dim).transpose(0, 2, 3, 1, 4)  # [B, G, N, T, K]
-    q = q.reshape(b * g, n * t, k_dim)  # [B*G, N*T, K]
-    scores = jnp.einsum("xqk,xsk->xqs", q, k, preferred_element_type=jnp.float32)
+    k, v = k[:n], v[:n]  # blocks [B*G, S_j, K]
+    window = sum(block.shape[1] for block in k)
+    g = k[0].shape[0] // b
+    heads_per_kv = h // g
+    q = q.reshape(b, t, g, heads_per_kv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, G, N, T, K]
+    q = q.reshape(b * g, heads_per_kv * t, k_dim)  # [B*G, N*T, K]
+    scores = jnp.concatenate(
+        [jnp.einsum("xqk,xsk->xqs", q, kb, preferred_element_type=jnp.float32) for kb in k],
+        axis=-1,
+    )  # [B*G, N*T, W]
     slots = jnp.arange(window, dtype=positions.dtype)  # [W]
     mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, W]
-    mask = jnp.broadcast_to(mask[:, :, None], (b, g, n, t, window)).reshape(b * g, n * t, window)
+    mask = jnp.broadcast_to(mask[:, :, None], (b, g, heads_per_kv, t, window))
+    mask = mask.reshape(b * g, heads_per_kv * t, window)
     scores = jnp.where(mask, scores / math.sqrt(k_dim), -jnp.inf)  # [B*G, N*T, W]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # never all -inf: slot p is seen
-    y = jnp.einsum("xqs,xsk->xqk", probs, v)  # [B*G, N*T, K]
-    return y.reshape(b, g, n, t, k_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v[0].dtype)  # never all -inf: slot p is seen
+    y, lo = 0.0, 0
+    for vb in v:
+        hi = lo + vb.shape[1]
+        part = probs[..., lo:hi]  # [B*G, N*T, S_j]
+        y = y + jnp.einsum("xqs,xsk->xqk", part, vb, preferred_element_type=jnp.float32)
+        lo = hi
+    y = y.astype(v[0].dtype)  # [B*G, N*T, K]
+    return y.reshape(b, g, heads_per_kv, t, k_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
 
 
-def _write_cache(cache: tuple[Array, Array], k: Array, v: Array, positions: Array):
+def _write_cache(cache: tuple[tuple, tuple], k: Array, v: Array, positions: Array):
     """Writes this call's ``k, v [B, T, G, K]`` into cache slots ``positions [B, T]``."""
-    ck, cv = cache  # [B*G, S, K]
-    b, _, g, _ = k.shape
+    b, t, g, _ = k.shape
     rows = (jnp.arange(b)[:, None] * g + jnp.arange(g))[:, :, None]  # [B, G, 1]: row b*G + g
-    cols = positions[:, None, :]  # [B, 1, T]
-    # The caller keeps positions < S. mode="drop" (the default) adds a bounds check that reads
-    # the old slot, and XLA then copies the whole cache on every decoding step.
-    k = k.transpose(0, 2, 1, 3).astype(ck.dtype)  # [B, G, T, K]
-    v = v.transpose(0, 2, 1, 3).astype(cv.dtype)
-    ck = ck.at[rows, cols].set(k, mode="promise_in_bounds")
-    cv = cv.at[rows, cols].set(v, mode="promise_in_bounds")
-    return ck, cv
+    new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
+    written = ([], [])
+    lo = 0
+    for blocks in zip(*cache, strict=True):  # (k block, v block), each [B*G, S_j, K]
+        size = blocks[0].shape[1]
+        inside = ((positions >= lo) & (positions < lo + size))[:, None, :]  # [B, 1, T]
+        if t == 1:
+            # One slot per row: a row whose position is in another block writes back what its
+            # (clamped) slot holds. The caller keeps positions < S. mode="drop" adds a bounds
+            # check that reads the old slot, and XLA then copies the whole cache on every
+            # decoding step.
+            cols = jnp.clip(positions - lo, 0, size - 1)[:, None, :]  # [B, 1, 1]
+            for out, block, x in zip(written, blocks, new, strict=True):
+                x = jnp.where(inside[..., None], x.astype(block.dtype), block[rows, cols])
+                out.append(block.at[rows, cols].set(x, mode="promise_in_bounds"))
+        else:  # prefill: slots outside this block are dropped
+            cols = jnp.where(inside, positions[:, None, :] - lo, size)  # [B, 1, T]
+            for out, block, x in zip(written, blocks, new, strict=True):
+                out.append(block.at[rows, cols].set(x.astype(block.dtype), mode="drop"))
+        lo += size
+    return tuple(written[0]), tuple(written[1])
 
 
 class Attention(nn.Module):
     """Causal (grouped-query) self-attention: ``[B, T, D] -> [B, T, D]``.
 
-    With a layer ``cache`` (k, v ``[B*G, S, K]``) it writes this call's keys and values at
-    slots ``positions`` and attends over the cache (``attend_cache``; ``mask`` is unused);
-    returns ``(y, cache)``, cache None when none was given.
+    With a layer ``cache`` (k, v: tuples of blocks ``[B*G, S_j, K]``) it writes this call's
+    keys and values at slots ``positions`` and attends over the cache (``attend_cache``;
+    ``mask`` is unused); returns ``(y, cache)``, cache None when none was given.
     """
 
     config: ModelConfig
@@ -454,6 +489,7 @@ class GPT(nn.Module):
         segment_ids: Array | None = None,
         deterministic: bool = True,
         cache: KVCache | None = None,
+        logits_at: Array | None = None,
     ) -> Array | tuple[Array, KVCache]:
         """Logits for every position.
 
@@ -467,6 +503,9 @@ class GPT(nn.Module):
           cache: a ``KVCache`` (``init_cache``) to decode with: this call's keys and values go
             to slots ``positions`` (which must be < max_len) and each query attends to the
             slots up to its position. Not with ``segment_ids``.
+          logits_at: ``[B, N]`` int32 indices into T: only these positions reach the head, and
+            the logits are ``[B, N, V]`` (a prefill needs each row's last prompt position only;
+            GPT-2's head is ~30% of a short prompt's forward pass).
 
         Returns ``[B, T, V]`` float32 logits, V = ``padded_vocab_size``; padded ids get
         ``PADDED_LOGIT``. With a cache: ``(logits, updated cache)``.
@@ -502,6 +541,9 @@ class GPT(nn.Module):
         x = _constrain(x, ("batch", "length", "act_embed"))
         mask = None if segment_ids is None else causal_segment_mask(segment_ids)
         x, new_cache = _blocks(c, x, positions, mask, deterministic, cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)  # [B, N, D]
+            t = logits_at.shape[1]
         x = _norm(c, "ln_f")(x)  # [B, T, D] compute dtype
         if c.tie_embeddings:  # one 2-D matmul (see Linear), accumulated in float32
             # Contracting D of the [V, D] table directly: written as x @ table.T, XLA:CPU
@@ -608,14 +650,21 @@ def _check(config: ModelConfig, length: int, default_positions: bool) -> None:
 
 
 def init_cache(config: ModelConfig, batch_size: int) -> KVCache:
-    """An empty ``KVCache``: per layer (k, v) zeros ``[B*G, max_len, K]``, compute dtype; with
-    ``scan_layers`` one pair of ``[L, B*G, max_len, K]``."""
-    shape = (batch_size * config.kv_heads, config.max_len, config.head_dim)
+    """An empty ``KVCache``: per layer (k, v), each a tuple of zero blocks ``[B*G, S_j, K]``
+    (``cache_blocks`` of max_len), compute dtype; with ``scan_layers`` one pair whose blocks
+    are ``[L, B*G, S_j, K]``."""
+    lead = (config.num_layers,) if config.scan_layers else ()
+    rows = batch_size * config.kv_heads
+
+    def blocks():
+        return tuple(
+            jnp.zeros((*lead, rows, hi - lo, config.head_dim), _dtype(config))
+            for lo, hi in cache_blocks(config.max_len)
+        )
+
     if config.scan_layers:
-        stacked = (config.num_layers, *shape)
-        return (jnp.zeros(stacked, _dtype(config)), jnp.zeros(stacked, _dtype(config)))
-    zeros = functools.partial(jnp.zeros, shape, _dtype(config))
-    return tuple((zeros(), zeros()) for _ in range(config.num_layers))
+        return (blocks(), blocks())
+    return tuple((blocks(), blocks()) for _ in range(config.num_layers))
 
 
 def _init_boxed(config: ModelConfig, rng: Array) -> Any:

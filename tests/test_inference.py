@@ -106,6 +106,28 @@ def test_cached_decoding_equals_full_recompute(style, prompt_len):
     assert np.abs(want[..., :100]).max() > 0.5  # the comparison is not of near-zeros
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_logits_at_gives_the_chosen_positions_logits(style):
+    """``logits_at`` (a prefill's last prompt positions) returns exactly those rows of the full
+    logits, with or without a cache, and the cache it fills decodes as the full one does."""
+    c = STYLES[style]
+    params = _params(c)
+    tokens = jnp.asarray(_prompts([20, 20], seed=2), jnp.int32)
+    at = jnp.asarray([[19, 4], [7, 7]], jnp.int32)  # [B, N]
+    full = _full(c, params, tokens)  # [2, 20, V]
+    want = jnp.take_along_axis(full, at[..., None], axis=1)
+    got = M.GPT(c).apply({"params": params}, tokens, logits_at=at)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    positions = jnp.broadcast_to(jnp.arange(20), (2, 20))
+    got, cache = M.GPT(c).apply(
+        {"params": params}, tokens, positions=positions, cache=M.init_cache(c, 2), logits_at=at
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    _, full_cache = _cached(c, params, tokens, positions, M.init_cache(c, 2))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_cache), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # another compile: a few ulp
+
+
 def test_cache_keeps_the_parameter_tree():
     c = LLAMA_STYLE
     shapes = jax.eval_shape(

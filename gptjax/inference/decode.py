@@ -51,7 +51,7 @@ MAX_CHUNK = 64
 class DecodeState(NamedTuple):
     """What the decode loop carries; every shape is fixed by (B, max_len)."""
 
-    cache: KVCache  # per layer (k, v) [B*G, S, K]
+    cache: KVCache  # per layer (k, v), each a tuple of blocks [B*G, S_j, K]
     tokens: jax.Array  # [B, S] int32: prompt then continuation, right-padded with 0
     lengths: jax.Array  # [B] int32: valid tokens per row
     done: jax.Array  # [B] bool
@@ -67,9 +67,13 @@ def _prefill(params, prompts: jax.Array, lengths: jax.Array, *, model: GPT) -> D
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     cache = init_cache(model.config, b)
     logits, cache = model.apply(
-        {"params": params}, prompts, positions=positions, cache=cache
-    )  # [B, P, V]
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        {"params": params},
+        prompts,
+        positions=positions,
+        cache=cache,
+        logits_at=(lengths - 1)[:, None],
+    )  # [B, 1, V]: each row's last prompt position
+    last = logits[:, 0]  # [B, V]
     tokens = jnp.zeros((b, s), jnp.int32).at[:, :p].set(prompts)  # [B, S]
     return DecodeState(cache, tokens, lengths, lengths >= s, last, jnp.zeros((), jnp.int32))
 
