@@ -17,7 +17,9 @@ token does not depend on the position, so it is timed over ``--baseline-tokens``
 Reference, measured in the same run when ``torch`` and ``transformers`` are installed
 (``pip install -e ".[bench]"``): Hugging Face ``generate`` — PyTorch CPU, KV cache, greedy,
 same batch, prompt and number of new tokens, end to end (prefill included) — on a
-``GPT2LMHeadModel`` of the same shape with random weights (no download). Without them (or with
+``GPT2LMHeadModel`` of the same shape with random weights (no download). Its calls alternate
+with gptjax's end-to-end calls, and "x HF" is the median of the per-pair ratios: on a shared
+machine both then see the same slow and fast moments. Without torch and transformers (or with
 ``--no-hf``) the table says the reference was not measured; no number stands in for it.
 
 Ceiling, measured in the same run for models too big for the CPU caches: a decoding step
@@ -38,6 +40,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +143,15 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
             _decode_seconds(params, model, prefill_only, batch, args.new_tokens)
             for _ in range(args.repeats)
         )
-        total = statistics.median(_timed(run)[0] for _ in range(args.repeats))
+        # End to end, alternating with Hugging Face generate when it is measured: the two
+        # see the same moments of a noisy machine, and each pair gives a ratio.
+        hf_run = hf_generate(config, prompts, args) if args.hf else None
+        totals, hf_seconds = [], []
+        for _ in range(args.repeats):
+            totals.append(_timed(run)[0])
+            if hf_run is not None:
+                hf_seconds.append(_timed(hf_run)[0])
+        total = statistics.median(totals)
         decode = batch * args.new_tokens / decode_s
         row = {
             "model": name,
@@ -172,9 +183,12 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
             assert tokens == out[0][: PROMPT_LEN + n], "the two samplers disagree"
             row["baseline_tokens_per_s"] = n / elapsed
             row["speedup_vs_baseline"] = decode / row["baseline_tokens_per_s"]
-        if args.hf:
-            row["hf_tokens_per_s"] = hf_generate_tokens_per_s(config, prompts, args)
-            row["speedup_vs_hf"] = row["end_to_end_tokens_per_s"] / row["hf_tokens_per_s"]
+        if hf_run is not None:
+            row["hf_tokens_per_s"] = batch * args.new_tokens / statistics.median(hf_seconds)
+            # the median of the paired ratios (HF seconds / gptjax seconds, call by call)
+            row["speedup_vs_hf"] = statistics.median(
+                h / g for h, g in zip(hf_seconds, totals, strict=True)
+            )
         rows.append(row)
         print(_line(row), flush=True)
     return rows
@@ -203,9 +217,10 @@ def _decode_seconds(params, model: GPT, prefill, batch: int, new_tokens: int) ->
     return seconds
 
 
-def hf_generate_tokens_per_s(config: ModelConfig, prompts: list[list[int]], args) -> float:
-    """End-to-end tokens/s of Hugging Face ``generate`` (greedy, KV cache) on a random
-    ``GPT2LMHeadModel`` of ``config``'s shape; median of ``args.repeats`` calls after a warmup."""
+def hf_generate(config: ModelConfig, prompts: list[list[int]], args) -> Callable[[], None]:
+    """Hugging Face ``generate`` (greedy, KV cache) on a random ``GPT2LMHeadModel`` of
+    ``config``'s shape: returns a call that generates ``args.new_tokens`` for ``prompts``,
+    after one warmup call."""
     import torch
     import transformers
 
@@ -229,18 +244,13 @@ def hf_generate_tokens_per_s(config: ModelConfig, prompts: list[list[int]], args
         attention_mask=torch.ones_like(ids),
     )
 
-    def run():
+    def run() -> None:
         with torch.inference_mode():
             out = model.generate(ids, **kw)
         assert out.shape == (len(prompts), PROMPT_LEN + args.new_tokens)
 
     run()
-    seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return len(prompts) * args.new_tokens / statistics.median(seconds)
+    return run
 
 
 def _hf_available() -> bool:
