@@ -371,28 +371,18 @@ def _attend_blocks(n: int, q: Array, k: tuple, v: tuple, positions: Array) -> Ar
 
 
 def _write_cache(cache: tuple[tuple, tuple], k: Array, v: Array, positions: Array):
-    """Writes this call's ``k, v [B, T, G, K]`` into cache slots ``positions [B, T]``."""
-    b, t, g, _ = k.shape
+    """Writes this call's ``k, v [B, T, G, K]`` into cache slots ``positions [B, T]`` (< S)."""
+    b, _, g, _ = k.shape
     rows = (jnp.arange(b)[:, None] * g + jnp.arange(g))[:, :, None]  # [B, G, 1]: row b*G + g
     new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     written = ([], [])
     lo = 0
     for blocks in zip(*cache, strict=True):  # (k block, v block), each [B*G, S_j, K]
         size = blocks[0].shape[1]
-        inside = ((positions >= lo) & (positions < lo + size))[:, None, :]  # [B, 1, T]
-        if t == 1:
-            # One slot per row: a row whose position is in another block writes back what its
-            # (clamped) slot holds. The caller keeps positions < S. mode="drop" adds a bounds
-            # check that reads the old slot, and XLA then copies the whole cache on every
-            # decoding step.
-            cols = jnp.clip(positions - lo, 0, size - 1)[:, None, :]  # [B, 1, 1]
-            for out, block, x in zip(written, blocks, new, strict=True):
-                x = jnp.where(inside[..., None], x.astype(block.dtype), block[rows, cols])
-                out.append(block.at[rows, cols].set(x, mode="promise_in_bounds"))
-        else:  # prefill: slots outside this block are dropped
-            cols = jnp.where(inside, positions[:, None, :] - lo, size)  # [B, 1, T]
-            for out, block, x in zip(written, blocks, new, strict=True):
-                out.append(block.at[rows, cols].set(x.astype(block.dtype), mode="drop"))
+        inside = (positions >= lo) & (positions < lo + size)  # [B, T]
+        cols = jnp.where(inside, positions - lo, size)[:, None, :]  # [B, 1, T]; size: dropped
+        for out, block, x in zip(written, blocks, new, strict=True):
+            out.append(block.at[rows, cols].set(x.astype(block.dtype), mode="drop"))
         lo += size
     return tuple(written[0]), tuple(written[1])
 

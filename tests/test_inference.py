@@ -3,6 +3,8 @@
 import dataclasses
 import functools
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,14 @@ from flax import linen as nn
 
 from gptjax import model as M
 from gptjax.config import Config, ModelConfig
-from gptjax.inference.decode import _decode, _prefill, generate, generate_batch, prompt_bucket
+from gptjax.inference.decode import (
+    _decode,
+    _prefill,
+    generate,
+    generate_batch,
+    pad_prompts,
+    prompt_bucket,
+)
 from gptjax.inference.generator import Generator
 from gptjax.inference.sampling import sample_logits
 from gptjax.tokenizer import Tokenizer
@@ -126,6 +135,37 @@ def test_logits_at_gives_the_chosen_positions_logits(style):
     _, full_cache = _cached(c, params, tokens, positions, M.init_cache(c, 2))
     for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(full_cache), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # another compile: a few ulp
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_decode_loop_reads_the_cache_in_place(style):
+    """The compiled decoding loop holds no copy, slice or transpose as large as a cache block:
+    any would stream the cache through memory again on every step (a prefix of one
+    ``[B*G, S, K]`` array was copied before each attention matmul, a quarter of GPT-2's step at
+    batch 32)."""
+    c = STYLES[style]
+    model = M.GPT(c)
+    padded, lengths = pad_prompts(_prompts([3, 70]), c.max_len)
+    state = _prefill(_params(c), padded, lengths, model=model)
+    v = c.padded_vocab_size
+    args = (np.int32(4), np.zeros(2, bool), np.arange(2, dtype=np.int32), np.zeros(v, bool))
+    args += (np.int32(c.vocab_size), np.float32(1), np.float32(1))
+    hlo = (
+        _decode.lower(_params(c), state, *args, model=model, greedy=True, top_k=0, nucleus=False)
+        .compile()
+        .as_text()
+    )
+    block = min(x.size for x in jax.tree.leaves(state.cache))  # [B*G, 64, K]
+    found = []
+    for name, dims, op in re.findall(r"%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", hlo):
+        size = math.prod(int(d) for d in dims.split(",") if d)
+        moves = op in ("copy", "slice", "dynamic-slice", "transpose") or re.search(
+            r"copy|slice|transpose", name
+        )
+        if moves and size >= block:
+            found.append(f"{op} {name} [{dims}]")
+    assert len(jax.tree.leaves(state.cache)) == 2 * 2 * 2  # layers x (k, v) x 2 blocks
+    assert not found, found
 
 
 def test_cache_keeps_the_parameter_tree():
