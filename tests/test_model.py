@@ -285,12 +285,14 @@ def test_bfloat16_compute_is_close_to_float32(style):
     assert np.mean(out16.argmax(-1) == out32.argmax(-1)) >= 0.9
 
 
+@pytest.mark.parametrize("t", [16, 3 * M.CAUSAL_CHUNK], ids=["one-chunk", "three-chunks"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_attention_implementations_agree(heads, kv_heads):
+def test_attention_implementations_agree(heads, kv_heads, t):
     """attend_einsum (the CPU default) against jax.nn.dot_product_attention: outputs and
-    gradients, causal and with a packed-segment mask, with and without grouped kv heads."""
+    gradients, causal (in query chunks when T spans several) and with a packed-segment mask,
+    with and without grouped kv heads."""
     rng = np.random.default_rng(0)
-    b, t, k = 2, 16, 8
+    b, k = 2, 8
 
     def draw(h):
         return jnp.asarray(rng.standard_normal((b, t, h, k)), jnp.float32)
