@@ -338,6 +338,11 @@ def cache_blocks(cache_len: int) -> list[tuple[int, int]]:
     return list(zip([0, *windows[:-1]], windows, strict=True))
 
 
+def _block_starts(blocks: tuple[Array, ...]) -> list[int]:
+    """Each cache block's first slot, then S: ``[0, S_0, S_0 + S_1, ..., S]``."""
+    return [0, *np.cumsum([block.shape[1] for block in blocks]).tolist()]
+
+
 def attend_cache(q: Array, k: tuple[Array, ...], v: tuple[Array, ...], positions: Array) -> Array:
     """Attention of ``q [B, T, H, K]`` at ``positions [B, T]`` over a cache whose k and v are
     tuples of blocks ``[B*G, S_j, K]`` (``cache_blocks``).
@@ -352,8 +357,8 @@ def attend_cache(q: Array, k: tuple[Array, ...], v: tuple[Array, ...], positions
     branches = [functools.partial(_attend_blocks, n) for n in range(1, len(k) + 1)]
     if len(branches) == 1:
         return branches[0](q, k, v, positions)
-    ends = np.cumsum([block.shape[1] for block in k])[:-1]  # [n - 1]
-    index = jnp.sum(jnp.asarray(ends) <= jnp.max(positions))  # blocks needed, minus one
+    ends = jnp.asarray(_block_starts(k)[1:-1])  # [n - 1]
+    index = jnp.sum(ends <= jnp.max(positions))  # blocks needed, minus one
     return jax.lax.switch(index, branches, q, k, v, positions)
 
 
@@ -368,7 +373,8 @@ def _attend_blocks(n: int, q: Array, k: tuple, v: tuple, positions: Array) -> Ar
     """
     b, t, h, k_dim = q.shape
     k, v = k[:n], v[:n]  # blocks [B*G, S_j, K]
-    window = sum(block.shape[1] for block in k)
+    starts = _block_starts(k)
+    window = starts[-1]
     g = k[0].shape[0] // b
     heads_per_kv = h // g
     q = q.reshape(b, t, g, heads_per_kv, k_dim).transpose(0, 2, 3, 1, 4)  # [B, G, N, T, K]
@@ -383,13 +389,10 @@ def _attend_blocks(n: int, q: Array, k: tuple, v: tuple, positions: Array) -> Ar
     mask = mask.reshape(b * g, heads_per_kv * t, window)
     scores = jnp.where(mask, scores / math.sqrt(k_dim), -jnp.inf)  # [B*G, N*T, W]
     probs = jax.nn.softmax(scores, axis=-1).astype(v[0].dtype)  # never all -inf: slot p is seen
-    y, lo = 0.0, 0
-    for vb in v:
-        hi = lo + vb.shape[1]
-        part = probs[..., lo:hi]  # [B*G, N*T, S_j]
-        y = y + jnp.einsum("xqs,xsk->xqk", part, vb, preferred_element_type=jnp.float32)
-        lo = hi
-    y = y.astype(v[0].dtype)  # [B*G, N*T, K]
+    y = sum(
+        jnp.einsum("xqs,xsk->xqk", probs[..., lo:hi], vb, preferred_element_type=jnp.float32)
+        for vb, lo, hi in zip(v, starts, starts[1:], strict=False)
+    ).astype(v[0].dtype)  # [B*G, N*T, K]
     return y.reshape(b, g, heads_per_kv, t, k_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
 
 
@@ -399,14 +402,13 @@ def _write_cache(cache: tuple[tuple, tuple], k: Array, v: Array, positions: Arra
     rows = (jnp.arange(b)[:, None] * g + jnp.arange(g))[:, :, None]  # [B, G, 1]: row b*G + g
     new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, K]
     written = ([], [])
-    lo = 0
-    for blocks in zip(*cache, strict=True):  # (k block, v block), each [B*G, S_j, K]
-        size = blocks[0].shape[1]
-        inside = (positions >= lo) & (positions < lo + size)  # [B, T]
-        cols = jnp.where(inside, positions - lo, size)[:, None, :]  # [B, 1, T]; size: dropped
+    starts = _block_starts(cache[0])
+    # (k block, v block), each [B*G, S_j, K], holding slots lo..hi-1
+    for blocks, lo, hi in zip(zip(*cache, strict=True), starts, starts[1:], strict=False):
+        inside = (positions >= lo) & (positions < hi)  # [B, T]
+        cols = jnp.where(inside, positions - lo, hi - lo)[:, None, :]  # [B, 1, T]; S_j: dropped
         for out, block, x in zip(written, blocks, new, strict=True):
             out.append(block.at[rows, cols].set(x.astype(block.dtype), mode="drop"))
-        lo += size
     return tuple(written[0]), tuple(written[1])
 
 
