@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +32,24 @@ Log = Callable[[str], None]  # receives one human-readable line
 def lead_only(log: Log) -> Log:
     """``log`` on process 0, a no-op on the others: one copy of every line in a multi-host run."""
     return log if jax.process_index() == 0 else (lambda _: None)
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter`` (event files without TensorFlow), imported without
+    PyTorch: where torch is installed, tensorboardX's writer module imports it (2-3 s at every
+    start of a run) only so that it can take torch tensors, which gptjax never logs. Setting
+    ``sys.modules["torch"] = None`` makes that one ``import torch`` fail as if torch were absent;
+    a torch already imported is left alone."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -64,8 +83,7 @@ class MetricsWriter:
         self._mirror = None
         self.sync_every_s = sync_every_s
         if enabled:
-            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-
+            SummaryWriter = _summary_writer_class()
             local = workdir
             if storage.is_remote(workdir):
                 self._remote = storage.path(workdir)

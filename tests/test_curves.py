@@ -1,9 +1,14 @@
 """Tests for gptjax/curves.py: the plotted series are metrics.jsonl's, each step once; the PNG is
-written for one run or several; `gptjax plot` and the end of a run write it."""
+written for one run or several; `gptjax plot` and the end of a run write it; the TensorBoard
+events hold the scalars."""
 
 import json
+import struct
+import subprocess
+import sys
 
 import pytest
+from tensorboardX.proto import event_pb2
 
 import gptjax
 from gptjax.__main__ import main
@@ -51,3 +56,29 @@ def test_plot_writes_a_png_for_one_run_and_for_several(tmp_path):
     assert (tmp_path / "a" / "curves.png").is_file()
     with pytest.raises(ValueError, match="has no metrics.jsonl"):
         gptjax.plot([tmp_path / "nothing"], tmp_path / "x.png")
+
+
+def test_metrics_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX's writer module imports torch where it is installed (2-3 s at the start of
+    every run) only to accept torch tensors; the writer gptjax uses must not pay for that, and
+    its TensorBoard events still hold every scalar."""
+    pytest.importorskip("torch", reason="the test extra installs torch; this checks it is unused")
+    code = (
+        "import sys; from gptjax.metrics import MetricsWriter\n"
+        f"with MetricsWriter({str(tmp_path)!r}) as w:\n"
+        "    w.write(1, train_loss=2.5); w.write(2, train_loss=2.25, lr=0.5)\n"
+        "print('torch' in sys.modules)\n"
+        "import torch  # still importable afterwards\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    scalars = []
+    data = events.read_bytes()
+    while data:  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        (length,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12 : 12 + length])
+        scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        data = data[12 + length + 4 :]
+    assert scalars == [(1, "train_loss", 2.5), (2, "train_loss", 2.25), (2, "lr", 0.5)]
