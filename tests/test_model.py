@@ -305,11 +305,14 @@ def test_attention_implementations_agree(heads, kv_heads, t):
         def loss(impl, *qkv, mask=mask):
             return jnp.sum(M.attend(*qkv, mask, impl) * weights)
 
-        want = M.attend(q, key, value, mask, "xla")
-        got = M.attend(q, key, value, mask, "einsum")
+        # jitted: one compile per function instead of one per primitive run eagerly
+        attend = jax.jit(M.attend, static_argnums=4)
+        want = attend(q, key, value, mask, "xla")
+        got = attend(q, key, value, mask, "einsum")
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        want_grads = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, key, value)
-        grads = jax.grad(functools.partial(loss, "einsum"), argnums=(0, 1, 2))(q, key, value)
+        grad = functools.partial(jax.grad, argnums=(0, 1, 2))
+        want_grads = jax.jit(grad(functools.partial(loss, "xla")))(q, key, value)
+        grads = jax.jit(grad(functools.partial(loss, "einsum")))(q, key, value)
         for got_g, want_g in zip(grads, want_grads, strict=True):
             np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-5)
     c = dataclasses.replace(LLAMA_STYLE, attention_impl="auto")
@@ -436,9 +439,9 @@ def test_scan_and_remat_compute_what_the_plain_model_computes(style, variant):
         _forward(plain, {"params": params}, tokens),
         atol=2e-5,
     )
-    grads = jax.grad(functools.partial(loss, other))(theirs)
+    grads = jax.jit(jax.grad(functools.partial(loss, other)))(theirs)  # jitted: eager is slow
     grads = M.unstack_layers(grads) if other.scan_layers else grads
-    reference = jax.grad(functools.partial(loss, plain))(params)
+    reference = jax.jit(jax.grad(functools.partial(loss, plain)))(params)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     if other.scan_layers:
