@@ -14,7 +14,9 @@ random token batches, float32, median over ``--steps`` steps after ``--warmup``:
   ``clip_grad_norm_``, ``torch.set_num_threads(cores)``, dropout off, eager mode.
 
 Both run in one process that keeps the memory a step frees for the next step, as the training
-loop does on CPU (``gptjax.host_memory``).
+loop does on CPU (``gptjax.host_memory``), and take turns: each of ``--steps`` rounds times one
+call of every k and one PyTorch step, so a drift of the machine's speed during the run hits both
+alike; ``speedup`` is the median of the rounds' ratios.
 
 Shapes (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied head):
 ``char`` — nanoGPT's shakespeare_char CPU recipe, 4 layers × 4 heads × 128, T 64, B 12,
@@ -33,7 +35,8 @@ device's default compute dtype (bfloat16 on GPU/TPU), and reports tokens/s, mode
 utilisation against the device's peak (``gptjax.metrics.PEAK_FLOPS``) and peak device memory.
 
 Writes JSON rows with ``shape``, ``gptjax_step_ms``, ``gptjax_tokens_per_sec``, ``hf_step_ms``,
-``hf_tokens_per_sec``, ``speedup`` (gptjax tokens/s ÷ PyTorch's) and the settings.
+``hf_tokens_per_sec`` (medians), ``speedup`` (the median over rounds of PyTorch's step time ÷
+gptjax's), every round's times (``gptjax_times_ms``, ``hf_times_ms``) and the settings.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +135,9 @@ def _config(shape: Shape, k: int) -> Config:
     return Config(model=shape.model, train=train, mesh=MeshConfig(data=1))
 
 
-def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
+def gptjax_runner(shape: Shape, k: int) -> tuple[Callable[[], float], float]:
+    """Compiles gptjax's step with ``k`` steps per call and makes its first call; returns
+    ``(run, compile_s)``: each ``run()`` makes one more call and returns its seconds per step."""
     config = _config(shape, k)
     start = time.perf_counter()
     steps = compile_steps(config, GPT(config.model), devices=jax.devices()[:1])
@@ -142,13 +148,23 @@ def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
     state, metrics = train(steps.state, calls[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    times = []
-    for i in range(args.warmup + args.steps):
+    calls_made = 1
+
+    def run() -> float:
+        nonlocal state, calls_made
         t0 = time.perf_counter()
-        state, metrics = train(state, calls[i % len(calls)])
+        state, metrics = train(state, calls[calls_made % len(calls)])
         jax.block_until_ready(metrics)
-        if i >= args.warmup:
-            times.append((time.perf_counter() - t0) / k)
+        calls_made += 1
+        return (time.perf_counter() - t0) / k
+
+    return run, compile_s
+
+
+def time_gptjax(shape: Shape, k: int, args) -> dict[str, float]:
+    """gptjax alone: median seconds per step over ``args.steps`` calls after the warm-up."""
+    run, compile_s = gptjax_runner(shape, k)
+    times = [run() for _ in range(args.warmup + args.steps)][args.warmup :]
     step_ms = _median_ms(times)
     return {
         "gptjax_step_ms": step_ms,
@@ -203,7 +219,8 @@ def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
     return out
 
 
-def time_torch(shape: Shape, args) -> dict[str, float]:
+def torch_runner(shape: Shape) -> Callable[[], float]:
+    """The PyTorch peer; each ``run()`` makes one optimizer step and returns its seconds."""
     import torch
     import transformers
 
@@ -222,11 +239,16 @@ def time_torch(shape: Shape, args) -> dict[str, float]:
     )
     model = transformers.GPT2LMHeadModel(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    batches = _batches(shape, 4)
-    times = []
-    for i in range(args.warmup + args.steps):
-        b = batches[i % len(batches)]
-        inputs, targets = (torch.from_numpy(b[k]).long() for k in ("inputs", "targets"))
+    batches = [
+        tuple(torch.from_numpy(b[key]).long() for key in ("inputs", "targets"))
+        for b in _batches(shape, 4)
+    ]
+    steps_made = 0
+
+    def run() -> float:
+        nonlocal steps_made
+        inputs, targets = batches[steps_made % len(batches)]
+        steps_made += 1
         t0 = time.perf_counter()
         logits = model(inputs).logits
         flat = logits.view(-1, logits.shape[-1])
@@ -235,10 +257,9 @@ def time_torch(shape: Shape, args) -> dict[str, float]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_ms = _median_ms(times)
-    return {"hf_step_ms": step_ms, "hf_tokens_per_sec": shape.batch * shape.seq / step_ms * 1000}
+        return time.perf_counter() - t0
+
+    return run
 
 
 def _torch_available() -> bool:
@@ -257,8 +278,21 @@ def bench_shapes(args) -> list[dict]:
         if name not in table:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(table)}")
         shape = table[name]
-        peer = time_torch(shape, args) if args.torch else {}
-        for k in args.steps_per_call:
+        runners = {k: gptjax_runner(shape, k) for k in args.steps_per_call}
+        peer = torch_runner(shape) if args.torch else None
+        timed = {**{k: run for k, (run, _) in runners.items()}, "torch": peer}
+        timed = {key: run for key, run in timed.items() if run is not None}
+        for _ in range(args.warmup):
+            for run in timed.values():
+                run()
+        # Alternated: each round times one call of every k and one PyTorch step, so a drift of
+        # the machine's speed (minutes apart, it moves by 10-20% here) hits all of them alike.
+        times = {key: [] for key in timed}
+        for _ in range(args.steps):
+            for key, run in timed.items():
+                times[key].append(run())
+        for k, (_, compile_s) in runners.items():
+            step_ms = _median_ms(times[k])
             row = {
                 "shape": name,
                 "layers": shape.model.num_layers,
@@ -268,11 +302,22 @@ def bench_shapes(args) -> list[dict]:
                 "vocab": shape.model.vocab_size,
                 "params": count_params(shape.model),
                 "steps_per_call": k,
-                **time_gptjax(shape, k, args),
-                **peer,
+                "gptjax_step_ms": step_ms,
+                "gptjax_tokens_per_sec": shape.batch * shape.seq / step_ms * 1000,
+                "gptjax_compile_s": compile_s,
+                "gptjax_times_ms": [1000 * t for t in times[k]],
             }
-            if peer:
-                row["speedup"] = row["gptjax_tokens_per_sec"] / row["hf_tokens_per_sec"]
+            if peer is not None:
+                hf_ms = _median_ms(times["torch"])
+                row.update(
+                    hf_step_ms=hf_ms,
+                    hf_tokens_per_sec=shape.batch * shape.seq / hf_ms * 1000,
+                    hf_times_ms=[1000 * t for t in times["torch"]],
+                    # the median of the rounds' ratios, not the ratio of the two medians
+                    speedup=statistics.median(
+                        hf / mine for hf, mine in zip(times["torch"], times[k], strict=True)
+                    ),
+                )
             rows.append(row)
             print(_line(row), flush=True)
         first = next(r for r in rows if r["shape"] == name)
