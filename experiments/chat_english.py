@@ -12,17 +12,17 @@ languages:
 
 Hardware: 2 CPU cores, nothing else running. Measured on experiments/shakespeare.py's model
 as pretrained by `gptjax quickstart`: 103-109 s for 300 steps of 16 packed rows (~3 steps/s,
-25 steps per compiled call; one step per call: ~2.2 minutes); assistant-token val loss 8.01
-before fine-tuning (the pretrained model), then 3.35 / 3.13 / 3.07 at steps 100 / 200 / 300
+25 steps per compiled call; one step per call: ~2.2 minutes); assistant-token val loss 8.00
+before fine-tuning (the pretrained model), then 3.36 / 3.12 / 3.07 at steps 100 / 200 / 300
 (train loss 1.16: the English corpus is small and mostly repeats). The quickstart's three
-exchanges (temperature 0.5, seed 0):
+exchanges (temperature 0.5, seed 0; the last quickstart run, 10 min 43 s in all):
 
     you> Hello, how are you?
-    assistant> I do not a simple chat robote.  I can talk to take a batteries.
+    assistant> I do not a simple chat robotraticity.
     you> What is your name?
-    assistant> I do not read on the chat is a closure.
+    assistant> I do not read many corry.
     you> Tell me a joke.
-    assistant> I do not a boying to get a lot.  I can be an ermined.
+    assistant> I do not a simple.
 
 A 2.2M-parameter model after 10 CPU minutes: it answers in the corpus' register, not sensibly.
 

@@ -7,11 +7,12 @@ BPE tokenizer of 2048 pieces trained on the 34 training plays (1.54M tokens; 4 p
 genre, are held out for validation), 4 layers × 192 dims × 6 heads, context 128, batch 32.
 
 Hardware: 2 CPU cores, nothing else running, fresh GPTJAX_CACHE (so the tokenizer and dataset
-were built too): 8 min 08 s to 8 min 23 s from start to the final checkpoint (7 min 22 s on
-a day when the same machine ran the PyTorch benchmark peer 10% faster), ~0.55 s/step
-(6.8-7.3k tokens/s, 50 steps per compiled call; with one step per call it took 10.0 minutes,
-~0.75 s/step); val loss 4.7446 / 4.4392 / 4.2902 / 4.2048 at steps 200 / 400 / 600 / 800,
-train loss 3.92.
+were built too): 8 min 08 s to 8 min 41 s from start to the final checkpoint (7 min 22 s on
+a day when the same machine ran the PyTorch benchmark peer 10% faster), 0.55-0.63 s/step
+(6.7-7.3k tokens/s, 50 steps per compiled call; with one step per call it took 10.0 minutes,
+~0.75 s/step; the first call, compile included, 49 s); with the current code (the last run:
+the quickstart's pretraining, 8 min 41 s) val loss 4.7428 / 4.4375 / 4.2857 / 4.2007 at steps
+200 / 400 / 600 / 800, train loss 3.92.
 The run is deterministic: the same numbers come back on a loaded machine, only slower.
 Samples at step 800 read like a play: speaker names (GLOUCESTER:, SUFFOLK:), verse lines,
 stage directions.
