@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import platform
 import statistics
@@ -145,17 +146,17 @@ def gptjax_runner(shape: Shape, k: int) -> tuple[Callable[[], float], float]:
     batches = _batches(shape, k * 4)  # host data is not what is timed: four calls' worth
     calls = [batches[i : i + k] for i in range(0, len(batches), k)]
     calls = [put(c) if put else steps.put_batch(c[0]) for c in calls]
-    state, metrics = train(steps.state, calls[0])
+    calls = itertools.cycle(calls)
+    state, metrics = train(steps.state, next(calls))
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    calls_made = 1
 
     def run() -> float:
-        nonlocal state, calls_made
+        nonlocal state
+        batch = next(calls)
         t0 = time.perf_counter()
-        state, metrics = train(state, calls[calls_made % len(calls)])
+        state, metrics = train(state, batch)
         jax.block_until_ready(metrics)
-        calls_made += 1
         return (time.perf_counter() - t0) / k
 
     return run, compile_s
@@ -239,16 +240,15 @@ def torch_runner(shape: Shape) -> Callable[[], float]:
     )
     model = transformers.GPT2LMHeadModel(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-    batches = [
-        tuple(torch.from_numpy(b[key]).long() for key in ("inputs", "targets"))
-        for b in _batches(shape, 4)
-    ]
-    steps_made = 0
+    batches = itertools.cycle(
+        [
+            tuple(torch.from_numpy(b[key]).long() for key in ("inputs", "targets"))
+            for b in _batches(shape, 4)
+        ]
+    )
 
     def run() -> float:
-        nonlocal steps_made
-        inputs, targets = batches[steps_made % len(batches)]
-        steps_made += 1
+        inputs, targets = next(batches)
         t0 = time.perf_counter()
         logits = model(inputs).logits
         flat = logits.view(-1, logits.shape[-1])
@@ -279,9 +279,9 @@ def bench_shapes(args) -> list[dict]:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(table)}")
         shape = table[name]
         runners = {k: gptjax_runner(shape, k) for k in args.steps_per_call}
-        peer = torch_runner(shape) if args.torch else None
-        timed = {**{k: run for k, (run, _) in runners.items()}, "torch": peer}
-        timed = {key: run for key, run in timed.items() if run is not None}
+        timed = {k: run for k, (run, _) in runners.items()}
+        if args.torch:
+            timed["torch"] = torch_runner(shape)
         for _ in range(args.warmup):
             for run in timed.values():
                 run()
@@ -307,7 +307,7 @@ def bench_shapes(args) -> list[dict]:
                 "gptjax_compile_s": compile_s,
                 "gptjax_times_ms": [1000 * t for t in times[k]],
             }
-            if peer is not None:
+            if "torch" in times:
                 hf_ms = _median_ms(times["torch"])
                 row.update(
                     hf_step_ms=hf_ms,

@@ -391,7 +391,7 @@ def _attend_blocks(n: int, q: Array, k: tuple, v: tuple, positions: Array) -> Ar
     probs = jax.nn.softmax(scores, axis=-1).astype(v[0].dtype)  # never all -inf: slot p is seen
     y = sum(
         jnp.einsum("xqs,xsk->xqk", probs[..., lo:hi], vb, preferred_element_type=jnp.float32)
-        for vb, lo, hi in zip(v, starts, starts[1:], strict=False)
+        for vb, lo, hi in zip(v, starts[:-1], starts[1:], strict=True)
     ).astype(v[0].dtype)  # [B*G, N*T, K]
     return y.reshape(b, g, heads_per_kv, t, k_dim).transpose(0, 3, 1, 2, 4).reshape(b, t, h, k_dim)
 
@@ -404,7 +404,7 @@ def _write_cache(cache: tuple[tuple, tuple], k: Array, v: Array, positions: Arra
     written = ([], [])
     starts = _block_starts(cache[0])
     # (k block, v block), each [B*G, S_j, K], holding slots lo..hi-1
-    for blocks, lo, hi in zip(zip(*cache, strict=True), starts, starts[1:], strict=False):
+    for blocks, lo, hi in zip(zip(*cache, strict=True), starts[:-1], starts[1:], strict=True):
         inside = (positions >= lo) & (positions < hi)  # [B, T]
         cols = jnp.where(inside, positions - lo, hi - lo)[:, None, :]  # [B, 1, T]; S_j: dropped
         for out, block, x in zip(written, blocks, new, strict=True):

@@ -300,17 +300,17 @@ def test_attention_implementations_agree(heads, kv_heads, t):
     q, key, value = draw(heads), draw(kv_heads), draw(kv_heads)
     segments = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
     weights = jnp.asarray(rng.standard_normal((b, t, heads, k)), jnp.float32)
+    # jitted: one compile per function instead of one per primitive run eagerly
+    attend = jax.jit(M.attend, static_argnums=4)
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2))
     for mask in (None, M.causal_segment_mask(segments)):
 
         def loss(impl, *qkv, mask=mask):
             return jnp.sum(M.attend(*qkv, mask, impl) * weights)
 
-        # jitted: one compile per function instead of one per primitive run eagerly
-        attend = jax.jit(M.attend, static_argnums=4)
         want = attend(q, key, value, mask, "xla")
         got = attend(q, key, value, mask, "einsum")
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        grad = functools.partial(jax.grad, argnums=(0, 1, 2))
         want_grads = jax.jit(grad(functools.partial(loss, "xla")))(q, key, value)
         grads = jax.jit(grad(functools.partial(loss, "einsum")))(q, key, value)
         for got_g, want_g in zip(grads, want_grads, strict=True):
