@@ -23,7 +23,7 @@ in its 1.27 GB of temporaries on every call (~317,000 minor faults, counted with
 One arena for the whole process (``M_ARENA_MAX`` 1 and a 2 GiB ``M_TOP_PAD``, set before jax
 starts its threads) removes most of them. Three pairs of processes, taking turns, the small
 shape: one step per call 2503-2721 -> 2203-2274 ms, ten steps per call 2207-2304 -> 2288-2558
-ms. Not used: it slows the several steps per call that the experiments run on CPU (25-50),
+ms. Not used: it slowed ten steps per call, and the experiments run 25-50 per call on CPU;
 and it would have to be set process-wide before jax starts, for every program in the process.
 """
 
