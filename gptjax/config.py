@@ -44,8 +44,14 @@ class ModelConfig:
     use_bias: bool = True  # biases in linear and norm layers
     qkv_bias: bool = False  # biases on query/key/value even when use_bias is False (Qwen2)
     # Compute dtype; parameters are always float32. "auto": bfloat16 on GPU and TPU, float32 on
-    # CPU (whose bfloat16 matmuls are slower than float32 ones).
+    # CPU (where bfloat16 activations and bfloat16-output matmuls are slower than float32 ones;
+    # matmul_precision below is the CPU's bfloat16 lever).
     dtype: str = "auto"
+    # Matmuls of a float32 model: "float32", or "bfloat16" (operands rounded to bfloat16, products
+    # accumulated and returned in float32, forward and backward: on a CPU that multiplies
+    # bfloat16 natively, ~2x the float32 matmul rate), or "auto" (bfloat16 on such a CPU, float32
+    # elsewhere). The experiments meant for CPUs use "auto"; see gptjax/model.py:matmul_dtype.
+    matmul_precision: str = "float32"
     # nn.scan over the blocks: parameters stacked on a leading "layers" axis, one compiled
     # block however deep the model (compile time stops growing with depth).
     scan_layers: bool = False
@@ -385,6 +391,7 @@ def validate(config: Config, *, fine_tune: bool = False) -> Config:
         ("model.norm", m.norm, ("layernorm", "rmsnorm")),
         ("model.activation", m.activation, ("gelu", "swiglu")),
         ("model.dtype", m.dtype, ("auto", "float32", "bfloat16")),
+        ("model.matmul_precision", m.matmul_precision, ("float32", "bfloat16", "auto")),
         ("model.attention_impl", m.attention_impl, ("auto", "xla", "cudnn", "einsum")),
         ("model.remat", m.remat, REMAT_POLICIES),
         ("data.tokenizer_type", d.tokenizer_type, ("bpe", "unigram", "char")),

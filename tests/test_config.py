@@ -126,6 +126,7 @@ def test_presets_are_valid_and_derived_values():
         (["--model.num_kv_heads=3"], r"num_kv_heads=3 must divide model.num_heads=4"),
         (["--train.batch_size=30", "--train.grad_accum_steps=4"], r"divisible by"),
         (["--model.position=alibi"], r"model.position='alibi' is not one of"),
+        (["--model.matmul_precision=int8"], r"model.matmul_precision='int8' is not one of"),
         (["--train.steps=0"], r"train.steps=0 must be at least 1"),
     ],
 )

@@ -285,6 +285,65 @@ def test_bfloat16_compute_is_close_to_float32(style):
     assert np.mean(out16.argmax(-1) == out32.argmax(-1)) >= 0.9
 
 
+def _bf16(x) -> np.ndarray:
+    """x rounded to bfloat16, as float64."""
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize("w_contract", [0, 1], ids=["w-in-out", "w-out-in"])
+def test_bfloat16_matmul_against_float64(w_contract):
+    """Forward and both gradients: the float64 products of the operands (and cotangent) rounded
+    to bfloat16, summed to float32 accuracy; float32 in and out."""
+    rng = np.random.default_rng(0)
+    n, d_in, d_out = 24, 40, 56
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    w_io = rng.standard_normal((d_in, d_out)).astype(np.float32)
+    w = w_io if w_contract == 0 else np.ascontiguousarray(w_io.T)
+    g = rng.standard_normal((n, d_out)).astype(np.float32)
+    y, vjp = jax.vjp(lambda a, b: M.bfloat16_matmul(a, b, w_contract), x, w)
+    dx, dw = vjp(jnp.asarray(g))
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    xb, wb, gb = _bf16(x), _bf16(w_io), _bf16(g)
+    np.testing.assert_allclose(y, xb @ wb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, gb @ wb.T, rtol=1e-5, atol=1e-5)
+    dw_io = xb.T @ gb
+    np.testing.assert_allclose(dw, dw_io if w_contract == 0 else dw_io.T, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(y) - x.astype(np.float64) @ w_io).max() > 1e-3  # it did round
+
+
+def test_matmul_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    older = tmp_path / "older"
+    older.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert M.cpu_multiplies_bfloat16(str(zen4))
+    assert not M.cpu_multiplies_bfloat16(str(older))
+    assert not M.cpu_multiplies_bfloat16(str(tmp_path / "absent"))
+    auto = dataclasses.replace(GPT2_STYLE, matmul_precision="auto")
+    for native, expected in [(True, jnp.bfloat16), (False, None)]:
+        monkeypatch.setattr(M, "cpu_multiplies_bfloat16", lambda native=native: native)
+        assert M.matmul_dtype(auto) == expected
+    assert M.matmul_dtype(GPT2_STYLE) is None  # the default: float32
+    both = dataclasses.replace(GPT2_STYLE, matmul_precision="bfloat16", dtype="bfloat16")
+    assert M.matmul_dtype(both) is None  # bfloat16 compute multiplies in bfloat16 anyway
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_bfloat16_matmuls_are_close_to_float32(style):
+    """Over BF16_MIN_ROWS tokens or more; fewer (decoding) multiply in float32."""
+    c32 = STYLES[style]
+    c16 = dataclasses.replace(c32, matmul_precision="bfloat16")
+    params = _random_params(c32)
+    tokens = _tokens((M.BF16_MIN_ROWS // 32, 32))
+    out32 = np.asarray(_forward(c32, params, tokens))[..., :100]
+    out16 = np.asarray(_forward(c16, params, tokens))[..., :100]
+    diff = np.abs(out16 - out32).max()
+    assert 0 < diff < 0.02 * np.abs(out32).max(), diff
+    assert np.mean(out16.argmax(-1) == out32.argmax(-1)) >= 0.9
+    few = tokens[:2]  # 64 rows
+    np.testing.assert_array_equal(_forward(c16, params, few), _forward(c32, params, few))
+
+
 @pytest.mark.parametrize("t", [16, 3 * M.CAUSAL_CHUNK], ids=["one-chunk", "three-chunks"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_attention_implementations_agree(heads, kv_heads, t):

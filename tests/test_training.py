@@ -107,15 +107,23 @@ def test_several_steps_per_call_equal_one_at_a_time(tmp_path):
 
 
 def test_bfloat16_training_follows_float32(tmp_path):
-    """50 steps of the tiny experiment computing in bfloat16 end within 2% of float32's loss."""
+    """50 steps of the tiny experiment computing in bfloat16, or in float32 with bfloat16
+    matmul operands, end within 2% of float32's loss."""
     overrides = ["--train.steps=50", "--eval.every_steps=0", "--eval.sample_tokens=0"]
     overrides += ["--train.log_every_steps=50"]
+    runs = {
+        "float32": ["--model.dtype=float32"],
+        "bfloat16": ["--model.dtype=bfloat16"],
+        "bfloat16-matmuls": ["--model.dtype=float32", "--model.matmul_precision=bfloat16"],
+    }
     losses = {}
-    for dtype in ("float32", "bfloat16"):
-        config = apply_overrides(load_experiment("tiny"), [*overrides, f"--model.dtype={dtype}"])
-        pretrain(config, tmp_path / dtype)
-        losses[dtype] = read_metrics(tmp_path / dtype)[-2]["train_loss"]  # [-1]: val
-    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02), losses
+    for name, extra in runs.items():
+        config = apply_overrides(load_experiment("tiny"), [*overrides, *extra])
+        pretrain(config, tmp_path / name)
+        losses[name] = read_metrics(tmp_path / name)[-2]["train_loss"]  # [-1]: val
+    for name in ("bfloat16", "bfloat16-matmuls"):
+        assert losses[name] == pytest.approx(losses["float32"], rel=0.02), losses
+        assert losses[name] != losses["float32"]  # it computed differently
     assert losses["float32"] < 5.5  # it trained (from ~6.3)
 
 

@@ -49,6 +49,7 @@ FROM_FINETUNE_CONFIG = (
     "lora_rank",
     "lora_alpha",
     "dtype",
+    "matmul_precision",
     "remat",
     "attention_impl",
     "scan_layers",
