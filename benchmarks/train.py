@@ -13,6 +13,13 @@ random token batches, float32, median over ``--steps`` steps after ``--warmup``:
   ``GPT2LMHeadModel`` of the same shape, batch and sequence length, ``torch.optim.AdamW`` and
   ``clip_grad_norm_``, ``torch.set_num_threads(cores)``, dropout off, eager mode.
 
+``--matmul-precision bfloat16`` (on a CPU that multiplies bfloat16 natively:
+``gptjax.model.cpu_multiplies_bfloat16``) times ``model.matmul_precision=bfloat16``: gptjax's
+weight matmuls take bfloat16 operands summed in float32, against PyTorch's CPU mixed precision
+(the forward pass under ``torch.autocast("cpu", dtype=torch.bfloat16)``) and, in the same
+rounds, the float32 PyTorch peer (``speedup_vs_torch_float32``). A comma-separated list gives
+rows for each value from one process; README's tables come from one process per value.
+
 Both run in one process that keeps the memory a step frees for the next step, as the training
 loop does on CPU (``gptjax.host_memory``), and take turns: each of ``--steps`` rounds times one
 call of every k and one PyTorch step, so a drift of the machine's speed during the run hits both
@@ -34,15 +41,17 @@ from jax's profiler, summed by part of the model, forward and backward (``op_pro
 device's default compute dtype (bfloat16 on GPU/TPU), and reports tokens/s, model FLOPs
 utilisation against the device's peak (``gptjax.metrics.PEAK_FLOPS``) and peak device memory.
 
-Writes JSON rows with ``shape``, ``gptjax_step_ms``, ``gptjax_tokens_per_sec``, ``hf_step_ms``,
-``hf_tokens_per_sec`` (medians), ``speedup`` (the median over rounds of PyTorch's step time ÷
-gptjax's), every round's times (``gptjax_times_ms``, ``hf_times_ms``) and the settings.
+Writes JSON rows with ``shape``, ``matmul_precision``, ``gptjax_step_ms``,
+``gptjax_tokens_per_sec``, ``hf_step_ms``, ``hf_tokens_per_sec`` (medians), ``speedup`` (the
+median over rounds of PyTorch's step time ÷ gptjax's), every round's times (``gptjax_times_ms``,
+``hf_times_ms``) and the settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import os
 import platform
@@ -130,16 +139,20 @@ def _median_ms(times: list[float]) -> float:
     return 1000 * statistics.median(times)
 
 
-def _config(shape: Shape, k: int) -> Config:
+def _config(shape: Shape, k: int, precision: str = "float32") -> Config:
     """One device, ``k`` optimizer steps per compiled call, a schedule that never ends."""
     train = TrainConfig(steps=10**6, batch_size=shape.batch, warmup_steps=10, steps_per_call=k)
-    return Config(model=shape.model, train=train, mesh=MeshConfig(data=1))
+    model = dataclasses.replace(shape.model, matmul_precision=precision)
+    return Config(model=model, train=train, mesh=MeshConfig(data=1))
 
 
-def gptjax_runner(shape: Shape, k: int) -> tuple[Callable[[], float], float]:
-    """Compiles gptjax's step with ``k`` steps per call and makes its first call; returns
-    ``(run, compile_s)``: each ``run()`` makes one more call and returns its seconds per step."""
-    config = _config(shape, k)
+def gptjax_runner(
+    shape: Shape, k: int, precision: str = "float32"
+) -> tuple[Callable[[], float], float]:
+    """Compiles gptjax's step with ``k`` steps per call (and ``model.matmul_precision``) and
+    makes its first call; returns ``(run, compile_s)``: each ``run()`` makes one more call and
+    returns its seconds per step."""
+    config = _config(shape, k, precision)
     start = time.perf_counter()
     steps = compile_steps(config, GPT(config.model), devices=jax.devices()[:1])
     train, put = (steps.train_many, steps.put_batches) if k > 1 else (steps.train, None)
@@ -220,8 +233,11 @@ def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
     return out
 
 
-def torch_runner(shape: Shape) -> Callable[[], float]:
-    """The PyTorch peer; each ``run()`` makes one optimizer step and returns its seconds."""
+def torch_runner(shape: Shape, precision: str = "float32") -> Callable[[], float]:
+    """The PyTorch peer; each ``run()`` makes one optimizer step and returns its seconds.
+    ``precision`` "bfloat16": the forward pass (and so its backward) under CPU autocast."""
+    import contextlib
+
     import torch
     import transformers
 
@@ -240,6 +256,10 @@ def torch_runner(shape: Shape) -> Callable[[], float]:
     )
     model = transformers.GPT2LMHeadModel(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    if precision == "bfloat16":
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
     batches = itertools.cycle(
         [
             tuple(torch.from_numpy(b[key]).long() for key in ("inputs", "targets"))
@@ -250,9 +270,10 @@ def torch_runner(shape: Shape) -> Callable[[], float]:
     def run() -> float:
         inputs, targets = next(batches)
         t0 = time.perf_counter()
-        logits = model(inputs).logits
-        flat = logits.view(-1, logits.shape[-1])
-        loss = torch.nn.functional.cross_entropy(flat, targets.reshape(-1))
+        with autocast():
+            logits = model(inputs).logits
+            flat = logits.view(-1, logits.shape[-1])
+            loss = torch.nn.functional.cross_entropy(flat, targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -278,10 +299,15 @@ def bench_shapes(args) -> list[dict]:
         if name not in table:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {', '.join(table)}")
         shape = table[name]
-        runners = {k: gptjax_runner(shape, k) for k in args.steps_per_call}
-        timed = {k: run for k, (run, _) in runners.items()}
-        if args.torch:
-            timed["torch"] = torch_runner(shape)
+        runners = {
+            (p, k): gptjax_runner(shape, k, p)
+            for p in args.matmul_precision
+            for k in args.steps_per_call
+        }
+        timed = {key: run for key, (run, _) in runners.items()}
+        if args.torch:  # float32, and a bfloat16 peer (autocast) for bfloat16 rows
+            peers = dict.fromkeys(["float32", *args.matmul_precision])
+            timed.update({("torch", p): torch_runner(shape, p) for p in peers})
         for _ in range(args.warmup):
             for run in timed.values():
                 run()
@@ -291,10 +317,12 @@ def bench_shapes(args) -> list[dict]:
         for _ in range(args.steps):
             for key, run in timed.items():
                 times[key].append(run())
-        for k, (_, compile_s) in runners.items():
-            step_ms = _median_ms(times[k])
+        for (p, k), (_, compile_s) in runners.items():
+            mine = times[p, k]
+            step_ms = _median_ms(mine)
             row = {
                 "shape": name,
+                "matmul_precision": p,
                 "layers": shape.model.num_layers,
                 "embed_dim": shape.model.embed_dim,
                 "seq": shape.seq,
@@ -305,19 +333,20 @@ def bench_shapes(args) -> list[dict]:
                 "gptjax_step_ms": step_ms,
                 "gptjax_tokens_per_sec": shape.batch * shape.seq / step_ms * 1000,
                 "gptjax_compile_s": compile_s,
-                "gptjax_times_ms": [1000 * t for t in times[k]],
+                "gptjax_times_ms": [1000 * t for t in mine],
             }
-            if "torch" in times:
-                hf_ms = _median_ms(times["torch"])
+            if args.torch:
+                peer = times["torch", p]  # the same precision
+                hf_ms = _median_ms(peer)
                 row.update(
                     hf_step_ms=hf_ms,
                     hf_tokens_per_sec=shape.batch * shape.seq / hf_ms * 1000,
-                    hf_times_ms=[1000 * t for t in times["torch"]],
+                    hf_times_ms=[1000 * t for t in peer],
                     # the median of the rounds' ratios, not the ratio of the two medians
-                    speedup=statistics.median(
-                        hf / mine for hf, mine in zip(times["torch"], times[k], strict=True)
-                    ),
+                    speedup=_median_ratio(peer, mine),
                 )
+                if p != "float32":
+                    row["speedup_vs_torch_float32"] = _median_ratio(times["torch", "float32"], mine)
             rows.append(row)
             print(_line(row), flush=True)
         first = next(r for r in rows if r["shape"] == name)
@@ -345,9 +374,14 @@ def bench_shapes(args) -> list[dict]:
     return rows
 
 
+def _median_ratio(theirs: list[float], mine: list[float]) -> float:
+    return statistics.median(t / m for t, m in zip(theirs, mine, strict=True))
+
+
 HEADER = (
-    f"{'shape':<8} {'params':>8} {'B×T':>8} {'k':>3} {'gptjax ms':>10} {'gptjax tok/s':>13} "
-    f"{'torch ms':>9} {'torch tok/s':>12} {'× torch':>8} {'compile s':>9}"
+    f"{'shape':<8} {'params':>8} {'B×T':>8} {'matmuls':>8} {'k':>3} {'gptjax ms':>10} "
+    f"{'gptjax tok/s':>13} {'torch ms':>9} {'torch tok/s':>12} {'× torch':>8} "
+    f"{'× fp32 torch':>12} {'compile s':>9}"
 )
 
 
@@ -357,10 +391,11 @@ def _line(r: dict) -> str:
 
     return (
         f"{r['shape']:<8} {r['params'] / 1e6:>7.2f}M {r['batch']:>3}×{r['seq']:<4} "
-        f"{r['steps_per_call']:>3} "
+        f"{r['matmul_precision']:>8} {r['steps_per_call']:>3} "
         f"{r['gptjax_step_ms']:>10.1f} {r['gptjax_tokens_per_sec']:>13,.0f} "
         f"{f('hf_step_ms', '.1f'):>9} {f('hf_tokens_per_sec', ',.0f'):>12} "
-        f"{f('speedup', '.2f'):>8} {r['gptjax_compile_s']:>9.1f}"
+        f"{f('speedup', '.2f'):>8} {f('speedup_vs_torch_float32', '.2f'):>12} "
+        f"{r['gptjax_compile_s']:>9.1f}"
     )
 
 
@@ -410,6 +445,12 @@ def main() -> None:
         type=lambda text: [int(k) for k in text.split(",")],
         default=[1, 10],
         help="comma-separated: a row for each (k steps in one compiled call)",
+    )
+    parser.add_argument(
+        "--matmul-precision",
+        type=lambda text: text.split(","),
+        default=["float32"],
+        help="comma-separated model.matmul_precision values: a row for each",
     )
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--profile", action="store_true", help="per-op profile of each shape")

@@ -27,6 +27,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_train_benchmark_measures_gptjax_and_the_pytorch_peer(tmp_path):
     out = tmp_path / "train.json"
     args = ["--shapes", "char", "--steps", "2", "--warmup", "1", "--steps-per-call", "1,2"]
+    args += ["--matmul-precision", "float32,bfloat16"]
     result = _run("train.py", *args, "--profile", "--attention", "--out", str(out))
     assert "torch tok/s" in result.stdout and "where a char step goes" in result.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -41,8 +42,12 @@ def test_train_benchmark_measures_gptjax_and_the_pytorch_peer(tmp_path):
     assert set(attention) == {"xla", "einsum"}
     # times only: which is faster is the benchmark's finding, not something a test can assert
     assert all(t["forward_backward"] > 0 and t["forward"] > 0 for t in attention.values())
-    assert [(r["shape"], r["steps_per_call"]) for r in rows] == [("char", 1), ("char", 2)]
+    assert [(r["shape"], r["matmul_precision"], r["steps_per_call"]) for r in rows] == [
+        ("char", p, k) for p in ("float32", "bfloat16") for k in (1, 2)
+    ]
     for row in rows:
+        # a bfloat16 row: against PyTorch under bfloat16 autocast, and against float32 PyTorch
+        assert ("speedup_vs_torch_float32" in row) == (row["matmul_precision"] == "bfloat16")
         for key in ("gptjax_step_ms", "gptjax_tokens_per_sec", "hf_step_ms", "hf_tokens_per_sec"):
             assert row[key] > 0, key
         # calls taken in turns: the median of the per-round ratios, round by round
@@ -50,7 +55,7 @@ def test_train_benchmark_measures_gptjax_and_the_pytorch_peer(tmp_path):
         assert len(mine) == len(theirs) == 2
         assert row["gptjax_step_ms"] == pytest.approx(statistics.median(mine), rel=1e-9)
         assert row["speedup"] == pytest.approx(
-            statistics.median(h / m for h, m in zip(theirs, mine)), rel=1e-9
+            statistics.median(h / m for h, m in zip(theirs, mine, strict=True)), rel=1e-9
         )
         assert row["gptjax_tokens_per_sec"] == pytest.approx(12 * 64 / row["gptjax_step_ms"] * 1e3)
 
