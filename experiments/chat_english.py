@@ -32,11 +32,14 @@ trainable parameters (4.8%), 2.4 minutes, assistant val loss 7.99 → 4.42 / 4.0
 rank-8 adapter on a model this small learns the register less well than full fine-tuning.
 """
 
-from gptjax.config import Config, DataConfig, EvalConfig, TrainConfig
+from gptjax.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 
 
 def get_config() -> Config:
     return Config(
+        # The shape comes from the pretrained model; bfloat16 matmul operands where the CPU
+        # multiplies them natively (model.matmul_precision), as in experiments/shakespeare.py.
+        model=ModelConfig(matmul_precision="auto"),
         data=DataConfig(source="chatterbot:english", val_fraction=0.05),
         train=TrainConfig(
             steps=300,
