@@ -37,9 +37,10 @@ elif "ssh" in args and os.environ.get("FAKE_SSH_RUN"):
     sys.exit(subprocess.run(["bash", "-c", command]).returncode)
 """
 
-# A worker's python3: records its argv and stays alive until signalled.
+# A worker's python3: records its argv (renamed into place: the test may read it at any
+# moment) and stays alive until signalled.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-printf '%s\n' "$@" > "$HOME/argv"
+printf '%s\n' "$@" > "$HOME/argv.part" && mv "$HOME/argv.part" "$HOME/argv"  # whole or absent
 exec sleep 300
 """
 
