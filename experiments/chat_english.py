@@ -11,25 +11,28 @@ languages:
 `--data.source=chatterbot:chinese` (the tokenizer's byte fallback keeps any text lossless).
 
 Hardware: 2 CPU cores, nothing else running. Measured on experiments/shakespeare.py's model
-as pretrained by `gptjax quickstart`: 103-109 s for 300 steps of 16 packed rows (~3 steps/s,
-25 steps per compiled call; one step per call: ~2.2 minutes); assistant-token val loss 8.00
-before fine-tuning (the pretrained model), then 3.36 / 3.12 / 3.07 at steps 100 / 200 / 300
-(train loss 1.16: the English corpus is small and mostly repeats). The quickstart's three
-exchanges (temperature 0.5, seed 0; the last quickstart run, 10 min 43 s in all):
+as pretrained by `gptjax quickstart` (both with `matmul_precision="auto"`: bfloat16 matmul
+operands on this CPU, an AMD EPYC with AVX512-BF16): 84 s for 300 steps of 16 packed rows (~3.5
+steps/s, 25 steps per compiled call; in float32 it took 103-109 s; one step per call: ~2.2
+minutes); assistant-token val loss 7.98 before fine-tuning (the pretrained model), then 3.38 /
+3.17 / 3.11 at steps 100 / 200 / 300 (train loss 1.16: the English corpus is small and mostly
+repeats). The quickstart's three exchanges (temperature 0.5, seed 0; the last quickstart run,
+7 min 29 s in all):
 
     you> Hello, how are you?
-    assistant> I do not a simple chat robotraticity.
+    assistant> I am not a battle, but I can be a batteries.
     you> What is your name?
-    assistant> I do not read many corry.
+    assistant> I do not make everything to get when you stock me to me into my stock.
     you> Tell me a joke.
-    assistant> I do not a simple.
+    assistant> I do not make everything to get when you cross a bot.
 
 A 2.2M-parameter model after 10 CPU minutes: it answers in the corpus' register, not sensibly.
 
 LoRA instead of full fine-tuning (`--model.lora_rank=8 --train.learning_rate=5e-3
---train.min_learning_rate=5e-4 --train.weight_decay=0.0`, same pretrained model): 110,592
-trainable parameters (4.8%), 2.4 minutes, assistant val loss 7.99 → 4.42 / 4.08 / 3.92 — a
-rank-8 adapter on a model this small learns the register less well than full fine-tuning.
+--train.min_learning_rate=5e-4 --train.weight_decay=0.0`, same pretrained model, float32
+matmuls): 110,592 trainable parameters (4.8%), 2.4 minutes, assistant val loss 7.99 → 4.42 /
+4.08 / 3.92 — a rank-8 adapter on a model this small learns the register less well than full
+fine-tuning.
 """
 
 from gptjax.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
