@@ -50,6 +50,7 @@ median over rounds of PyTorch's step time ÷ gptjax's), every round's times (``g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -236,8 +237,6 @@ def time_attention(shape: Shape, args) -> dict[str, dict[str, float]]:
 def torch_runner(shape: Shape, precision: str = "float32") -> Callable[[], float]:
     """The PyTorch peer; each ``run()`` makes one optimizer step and returns its seconds.
     ``precision`` "bfloat16": the forward pass (and so its backward) under CPU autocast."""
-    import contextlib
-
     import torch
     import transformers
 
@@ -434,6 +433,13 @@ def bench_preset(args) -> list[dict]:
     return [row]
 
 
+def _precisions(text: str) -> list[str]:
+    values = text.split(",")
+    if not set(values) <= {"float32", "bfloat16"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: give float32, bfloat16 or both")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/train.json")
@@ -448,9 +454,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--matmul-precision",
-        type=lambda text: text.split(","),
+        type=_precisions,
         default=["float32"],
-        help="comma-separated model.matmul_precision values: a row for each",
+        help="comma-separated, of float32 and bfloat16 (model.matmul_precision): a row for each",
     )
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--profile", action="store_true", help="per-op profile of each shape")
