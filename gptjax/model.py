@@ -45,7 +45,7 @@ Numerics: parameters are float32; matmul inputs are cast to ``config.dtype``. Th
 stream stays float32 (as under torch autocast in nanoGPT); norm statistics, the attention
 softmax and the logits are float32. A float32 model may take bfloat16 operands in its weight
 matmuls and tied head over enough tokens, summing in float32 (``config.matmul_precision``,
-``bfloat16_operands``).
+``weight_matmul``).
 
 KV cache (decoding, ``gptjax/inference/decode.py``): ``model.apply(variables, tokens, positions=...,
 cache=cache)`` returns ``(logits, cache)``. The cache is a plain pytree passed explicitly (no
@@ -120,10 +120,10 @@ def cpu_multiplies_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     the flags of Linux's ``/proc/cpuinfo``); False where that cannot be read."""
     try:
         with open(cpuinfo) as f:
-            lines = [line for line in f if line.startswith("flags")]
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    return any(flag in line.split() for line in lines[:1] for flag in BF16_CPU_FLAGS)
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
 
 
 def matmul_dtype(config: ModelConfig) -> jnp.dtype | None:
@@ -191,6 +191,20 @@ def _bfloat16_matmul_bwd(w_contract: int, saved: tuple, g: Array) -> tuple[Array
 bfloat16_matmul.defvjp(_bfloat16_matmul_fwd, _bfloat16_matmul_bwd)
 
 
+def weight_matmul(
+    config: ModelConfig, x: Array, w: Array, w_contract: int = 0, float32_out: bool = False
+) -> Array:
+    """``x [N, IN]`` (in the compute dtype) times a float32 weight ``w`` over IN (``[IN, OUT]``
+    for ``w_contract`` 0, ``[OUT, IN]`` for 1), as ``bfloat16_operands`` says: bfloat16
+    operands summed in float32, or in the compute dtype (accumulated and returned in float32
+    with ``float32_out``)."""
+    if bfloat16_operands(config, x.shape[0]):
+        return bfloat16_matmul(x, w, w_contract)  # float32 = the compute dtype
+    dims = (((1,), (w_contract,)), ((), ()))
+    out = jnp.float32 if float32_out else None
+    return jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=out)
+
+
 def attention_implementation(config: ModelConfig) -> str:
     """``model.attention_impl`` for this backend, chosen here and nowhere else. "auto" is:
 
@@ -237,14 +251,8 @@ class Linear(nn.Module):
         dtype = _dtype(self.config)
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x2 = x.reshape(-1, n_in).astype(dtype)  # [N, IN]
-        if bfloat16_operands(self.config, x2.shape[0]):
-            y = bfloat16_matmul(x2, kernel.reshape(n_in, n_out))  # float32 = the compute dtype
-        else:
-            y = jnp.dot(
-                x2,
-                kernel.reshape(n_in, n_out).astype(dtype),
-                preferred_element_type=jnp.float32 if self.float32_out else None,
-            )
+        w2 = kernel.reshape(n_in, n_out)
+        y = weight_matmul(self.config, x2, w2, float32_out=self.float32_out)  # [N, OUT]
         if self.lora and self.config.lora_rank:
             y = y + self._adapter(x2, n_in, n_out)
         y = y.reshape(*lead, *self.out_shape)  # [..., *OUT]
@@ -650,15 +658,8 @@ class GPT(nn.Module):
         if c.tie_embeddings:  # one 2-D matmul (see Linear), accumulated in float32
             # Contracting D of the [V, D] table directly: written as x @ table.T, XLA:CPU
             # fused ln_f and the transpose into a naive loop for one row (decoding; 4x slower).
-            if bfloat16_operands(c, b * t):
-                logits = bfloat16_matmul(x.reshape(b * t, -1), embed.embedding, 1)
-            else:
-                logits = jax.lax.dot_general(
-                    x.reshape(b * t, -1),
-                    embed.embedding.astype(x.dtype),
-                    (((1,), (1,)), ((), ())),  # [B*T, D] . [V, D] over D
-                    preferred_element_type=jnp.float32,
-                )
+            x2 = x.reshape(b * t, -1)  # [B*T, D] . [V, D] over D
+            logits = weight_matmul(c, x2, embed.embedding, 1, float32_out=True)
             logits = logits.reshape(b, t, v)  # [B, T, V]
         else:
             logits = Linear(
