@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gptjax import checkpoint
+from gptjax import checkpoint, host_memory
 from gptjax.config import Config, validate
 from gptjax.data import pipeline
 from gptjax.errors import GptjaxError
@@ -28,6 +28,7 @@ def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[s
     """Pretrains ``config`` on its text source in ``workdir`` (resuming from the latest
     checkpoint if any) and returns the final metrics."""
     validate(config)
+    host_memory.run_calls_inline()  # before jax starts: CPU calls reuse their memory
     if config.model.lora_rank:
         raise GptjaxError(
             "LoRA adapters are for fine-tuning a pretrained model: pretrain without "
