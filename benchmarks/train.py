@@ -20,10 +20,12 @@ weight matmuls take bfloat16 operands summed in float32, against PyTorch's CPU m
 rounds, the float32 PyTorch peer (``speedup_vs_torch_float32``). A comma-separated list gives
 rows for each value from one process; README's tables come from one process per value.
 
-Both run in one process that keeps the memory a step frees for the next step, as the training
-loop does on CPU (``gptjax.host_memory``), and take turns: each of ``--steps`` rounds times one
-call of every k and one PyTorch step, so a drift of the machine's speed during the run hits both
-alike; ``speedup`` is the median of the rounds' ratios.
+Both run in one process that keeps the memory a step frees for the next step, and gptjax's
+calls run on the thread that makes them, as in the training loop on CPU (``gptjax.host_memory``;
+``--async-dispatch`` times them on XLA's executor threads instead, as before). They take turns:
+each of ``--steps`` rounds times one call of every k and one PyTorch step, so a drift of the
+machine's speed during the run hits both alike; ``speedup`` is the median of the rounds'
+ratios.
 
 Shapes (GPT-2 style: learned positions, LayerNorm, GELU, biases, tied head):
 ``char`` — nanoGPT's shakespeare_char CPU recipe, 4 layers × 4 heads × 128, T 64, B 12,
@@ -465,8 +467,15 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="time one MODEL_PRESETS row instead")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", default="auto")
+    parser.add_argument(
+        "--async-dispatch",
+        action="store_true",
+        help="CPU calls on XLA's executor threads (the training loop runs them inline)",
+    )
     args = parser.parse_args()
-    # As the training loop runs: freed buffers stay in the process (both peers share it).
+    # As the training loop runs: single-device calls on this thread, freed buffers kept in the
+    # process (both peers share the latter).
+    inline = not args.async_dispatch and host_memory.run_calls_inline()
     host_memory.keep_freed_memory()
     if args.torch is None:
         args.torch = _torch_available() and args.preset is None
@@ -487,6 +496,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_dispatch": "inline" if inline else "async",
         "load_average_after": os.getloadavg()[0],
         "torch": "measured in this run" if args.torch else "not measured",
     }
