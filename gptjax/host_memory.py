@@ -17,15 +17,15 @@ between calls. The training loop calls this on CPU (``gptjax/training/loop.py``)
 (GPU/TPU buffers are not malloc'd) and on a C library without mallopt it does nothing.
 
 What it does not reach alone: under jax's asynchronous dispatch XLA allocates on its executor
-threads, which glibc serves from per-thread
-arenas; a request larger than such an arena's heap (64 MiB) is always mmap'd, whatever
-``M_MMAP_MAX`` says, and unmapped on free. The small shape's step (16 x 256 tokens) then faults
-in its 1.27 GB of temporaries on every call (~317,000 minor faults, counted with getrusage).
-One arena for the whole process (``M_ARENA_MAX`` 1 and a 2 GiB ``M_TOP_PAD``, set before jax
-starts its threads) removes most of them. Three pairs of processes, taking turns, the small
-shape: one step per call 2503-2721 -> 2203-2274 ms, ten steps per call 2207-2304 -> 2288-2558
-ms. Not used: it slowed ten steps per call, and the experiments run 25-50 per call on CPU;
-and it would have to be set process-wide before jax starts, for every program in the process.
+threads, which glibc serves from per-thread arenas; a request larger than such an arena's heap
+(64 MiB) is always mmap'd, whatever ``M_MMAP_MAX`` says, and unmapped on free. The small shape's
+step (16 x 256 tokens) then faults in its 1.27 GB of temporaries on every call (~317,000 minor
+faults, counted with getrusage). One arena for the whole process (``M_ARENA_MAX`` 1 and a 2 GiB
+``M_TOP_PAD``, set before jax starts its threads) removes most of them. Three pairs of
+processes, taking turns, the small shape: one step per call 2503-2721 -> 2203-2274 ms, ten steps
+per call 2207-2304 -> 2288-2558 ms. Not used: it slowed ten steps per call, and the experiments
+run 25-50 per call on CPU; and it would have to be set process-wide before jax starts, for every
+program in the process.
 
 What reaches them: running each call on the thread that makes it. ``run_calls_inline`` turns off
 jax's asynchronous dispatch on CPU (``jax_cpu_enable_async_dispatch``; it applies to calls on
