@@ -77,12 +77,9 @@ def run_calls_inline() -> bool:
     docstring), for the rest of the process. Only jax's CPU backend reads the setting, when it
     starts: call this before anything touches a device. Returns whether it took — False once
     the backends are up (then nothing changes)."""
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:  # a jax without it: set it anyway; a started backend ignores it
-        started = False
-    else:
-        started = backends_are_initialized()
-    if not started:
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
-    return not started
+    from jax._src.xla_bridge import backends_are_initialized  # jax 0.10 has no public check
+
+    if backends_are_initialized():
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True
