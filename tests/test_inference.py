@@ -26,7 +26,7 @@ from gptjax.inference.decode import (
     prompt_bucket,
 )
 from gptjax.inference.generator import Generator
-from gptjax.inference.sampling import sample_logits
+from gptjax.inference.sampling import argmax, sample_logits
 from gptjax.tokenizer import Tokenizer
 
 # Small configs (vocab 100 padded to 128 rows). max_len 128: prompt buckets 16, 32, 64, 128 and
@@ -212,6 +212,25 @@ def test_sample_logits_filters():
     assert set(np.flatnonzero(counts[3])) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
     assert set(np.flatnonzero(counts[4])) == {0}
     assert sample_logits(logits, None, temperature=0).tolist() == [0]
+
+
+def test_argmax_equals_jax_argmax():
+    """Greedy decoding's argmax (two plain reductions) picks what ``jnp.argmax`` picks: the first
+    of tied maxima, the first NaN of a row that has one, the padded vocabulary never."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 300)).astype(np.float32)
+    logits[:, 256:] = M.PADDED_LOGIT
+    logits[1, [5, 17, 200]] = 9.0  # a three-way tie
+    logits[2, [40, 90]] = np.nan
+    logits[3, :256] = -np.inf
+    logits[3, 7] = 0.0
+    logits[4] = 1.0  # every entry tied
+    want = np.argmax(logits, axis=-1)  # NumPy agrees with jnp.argmax on all of these
+    np.testing.assert_array_equal(want[1:5], [5, 40, 7, 0])
+    got = jax.jit(argmax)(logits)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(jnp.argmax(logits, axis=-1), want)
 
 
 def test_greedy_is_deterministic_and_top_k_1_is_greedy():

@@ -26,6 +26,17 @@ class Sampling(TypedDict, total=False):
 SAMPLING: Sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` as int32 (the first maximum; the first NaN if any) as
+    two plain reductions: XLA:CPU runs argmax's paired (value, index) reduction unvectorised,
+    3.8 ms for GPT-2's ``[32, 50257]`` logits against 1.6 ms this way (on this project's
+    2-core machine; 4% of a batch-32 decoding step)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row has one
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_logits(
     logits: jax.Array,
     rng: jax.Array,
@@ -43,7 +54,7 @@ def sample_logits(
     """
     logits = logits.astype(jnp.float32)
     if isinstance(temperature, (int, float)) and temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
