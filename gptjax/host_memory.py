@@ -32,8 +32,8 @@ jax's asynchronous dispatch on CPU (``jax_cpu_enable_async_dispatch``; it applie
 one device, a call over several devices still runs on XLA's threads), so a call's temporaries
 come from the main arena, where ``keep_freed_memory``'s settings hold, and the small shape's
 call faults no page in after the first (a call's temporaries are freed just after it returns; on
-a busy machine the next call can start first and grow the heap once more). ``pretrain`` and
-``finetune`` call it before anything starts jax's backends. The caller then waits for each call,
+a busy machine the next call can start first and grow the heap once more). ``pretrain``,
+``finetune`` and ``gptjax.load`` (decoding) call it before anything starts jax's backends. The caller then waits for each call,
 which costs the training loop nothing measurable: on CPU the compiled call uses every core, and
 the host's work between calls (batches, metrics) is small and prefetched (nanoGPT's char recipe,
 whole runs alternated: 87.3 and 86.7 s with it, 86.9 and 86.6 s without). Measured with

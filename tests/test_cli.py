@@ -65,6 +65,19 @@ def test_generate_prints_what_the_python_api_samples(workdir):
     assert ids and max(ids) < gen.config.model.vocab_size  # text of the model's own vocabulary
 
 
+def test_load_runs_cpu_calls_inline_in_a_fresh_process(workdir):
+    """``gptjax.load`` as a program's first jax call turns asynchronous CPU dispatch off
+    (``host_memory.run_calls_inline``); the CLI above decodes that way, this process (whose
+    backend was up before) asynchronously, and both gave the same text."""
+    script = "import gptjax, jax, sys; gptjax.load(sys.argv[1]); "
+    script += "print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(workdir)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "False"
+
+
 def test_console_script_is_the_same_cli():
     exe = shutil.which("gptjax")
     assert exe, "the gptjax console script is not installed (pip install -e .)"
