@@ -33,12 +33,13 @@ one device, a call over several devices still runs on XLA's threads), so a call'
 come from the main arena, where ``keep_freed_memory``'s settings hold, and the small shape's
 call faults no page in after the first (a call's temporaries are freed just after it returns; on
 a busy machine the next call can start first and grow the heap once more). ``pretrain``,
-``finetune`` and ``gptjax.load`` (decoding) call it before anything starts jax's backends. The caller then waits for each call,
-which costs the training loop nothing measurable: on CPU the compiled call uses every core, and
-the host's work between calls (batches, metrics) is small and prefetched (nanoGPT's char recipe,
-whole runs alternated: 87.3 and 86.7 s with it, 86.9 and 86.6 s without). Measured with
-processes taking turns (``benchmarks/train.py`` shapes, ms per step, two processes each way,
-medians of the calls after the first: 5 small, 7 default, 29 char; minor faults per call):
+``finetune`` and ``gptjax.load`` (decoding) call it before anything starts jax's backends. The
+caller then waits for each call, which costs the training loop nothing measurable: on CPU the
+compiled call uses every core, and the host's work between calls (batches, metrics) is small and
+prefetched (nanoGPT's char recipe, whole runs alternated: 87.3 and 86.7 s with it, 86.9 and
+86.6 s without). Measured with processes taking turns (``benchmarks/train.py`` shapes, ms per
+step, two processes each way, medians of the calls after the first: 5 small, 7 default, 29 char;
+minor faults per call):
 
     small   one step per call 2390, 2193 -> 1930, 1924 (318,000 faults -> 0)
             ten per call      2095, 1852 -> 1938, 1984
