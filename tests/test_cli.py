@@ -2,6 +2,7 @@
 internal error with its traceback, and the README's commands and layout table kept true."""
 
 import ast
+import os
 import re
 import shlex
 import shutil
@@ -65,17 +66,24 @@ def test_generate_prints_what_the_python_api_samples(workdir):
     assert ids and max(ids) < gen.config.model.vocab_size  # text of the model's own vocabulary
 
 
-def test_load_runs_cpu_calls_inline_in_a_fresh_process(workdir):
+def test_load_runs_cpu_calls_inline_and_caches_compiles_in_a_fresh_process(workdir, tmp_path):
     """``gptjax.load`` as a program's first jax call turns asynchronous CPU dispatch off
-    (``host_memory.run_calls_inline``); the CLI above decodes that way, this process (whose
-    backend was up before) asynchronously, and both gave the same text."""
+    (``host_memory.run_calls_inline``; the CLI above decodes that way, this process, whose
+    backend was up before, asynchronously, and both gave the same text) and keeps compiled
+    programs in ``$GPTJAX_CACHE/xla`` (``compile_cache``)."""
     script = "import gptjax, jax, sys; gptjax.load(sys.argv[1]); "
-    script += "print(jax.config.read('jax_cpu_enable_async_dispatch'))"
+    script += "print(jax.config.read('jax_cpu_enable_async_dispatch'), "
+    script += "jax.config.jax_compilation_cache_dir)"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     run = subprocess.run(
-        [sys.executable, "-c", script, str(workdir)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script, str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "GPTJAX_CACHE": str(tmp_path)},
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split()[-1] == "False"
+    assert run.stdout.split()[-2:] == ["False", str(tmp_path / "xla")]
 
 
 def test_console_script_is_the_same_cli():

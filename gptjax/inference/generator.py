@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from gptjax import chat_template, checkpoint, host_memory
+from gptjax import chat_template, checkpoint, compile_cache, host_memory
 from gptjax.errors import GptjaxError
 from gptjax.inference.decode import generate_batch
 from gptjax.inference.sampling import Sampling
@@ -184,6 +184,7 @@ def load(path: str | Path) -> Generator:
     128 tokens end to end 256-259 -> 267-272 tokens/s).
     """
     host_memory.run_calls_inline()  # before read_workdir starts jax's backends
+    compile_cache.enable()  # a second session loads prefill and decode instead of compiling
     config, tokenizer = read_workdir(path)
     abstract = nn.meta.unbox(abstract_params(config.model))["params"]
     params = checkpoint.load_params(path, abstract)

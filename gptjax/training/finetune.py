@@ -31,7 +31,7 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from gptjax import checkpoint, hf, host_memory, lora, storage
+from gptjax import checkpoint, compile_cache, hf, host_memory, lora, storage
 from gptjax.config import Config, ModelConfig, validate
 from gptjax.data import dialogues, sft
 from gptjax.errors import GptjaxError
@@ -80,6 +80,7 @@ def finetune(
     ``workdir`` (resuming from its own checkpoints if any) and returns the final metrics."""
     validate(config, fine_tune=True)  # before anything is read or imported
     host_memory.run_calls_inline()  # before jax starts: CPU calls reuse their memory
+    compile_cache.enable()  # a rerun or resume loads its compiled programs
     say = lead_only(log)
     init_from = _local(init_from, workdir, say)
     base, tokenizer = read_workdir(init_from)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gptjax import checkpoint, host_memory
+from gptjax import checkpoint, compile_cache, host_memory
 from gptjax.config import Config, validate
 from gptjax.data import pipeline
 from gptjax.errors import GptjaxError
@@ -29,6 +29,7 @@ def pretrain(config: Config, workdir: str | Path, *, log: Log = print) -> dict[s
     checkpoint if any) and returns the final metrics."""
     validate(config)
     host_memory.run_calls_inline()  # before jax starts: CPU calls reuse their memory
+    compile_cache.enable()  # a rerun or resume loads its compiled programs
     if config.model.lora_rank:
         raise GptjaxError(
             "LoRA adapters are for fine-tuning a pretrained model: pretrain without "
