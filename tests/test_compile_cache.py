@@ -66,11 +66,12 @@ def test_what_the_user_chose_is_left_alone(tmp_path, monkeypatch, no_cache_dir):
     monkeypatch.setenv("GPTJAX_CACHE", "gs://a-bucket/cache")  # per machine: no cache there
     assert compile_cache.enable() is None and jax.config.jax_compilation_cache_dir is None
     monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path))
+    enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         assert compile_cache.enable() is None and jax.config.jax_compilation_cache_dir is None
     finally:
-        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_enable_compilation_cache", enabled)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
     assert compile_cache.enable() == str(tmp_path / "mine")
     jax.config.update("jax_compilation_cache_dir", None)
