@@ -14,8 +14,8 @@ beside the repository); ``--data.source=text:PATH`` points elsewhere.
 
 Hardware: 2 CPU cores, measured one after the other on the same quiet machine, data
 preparation and compilation included (nanoGPT at commit 3adf61e, PyTorch 2.13 eager, its
-prepare.py on the same file; gptjax with an empty GPTJAX_CACHE, so the tokenizer and dataset
-were built too):
+prepare.py on the same file; gptjax with an empty GPTJAX_CACHE, so the tokenizer, the dataset
+and the compiled programs were built too):
 
     nanoGPT  the command above: val loss 1.8857 at step 2000, 108.3 s wall (~47 ms/iteration)
     gptjax   val loss 1.8587 at step 2000, 97.3 s wall (37.9 ms/step, 20.3k tokens/s, 50 steps
