@@ -45,9 +45,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import write_json  # benchmarks/report.py, beside this script
+from report import add_dispatch_flag, set_cpu_dispatch, write_json  # benchmarks/report.py
 
-from gptjax import host_memory
 from gptjax.config import MODEL_PRESETS, ModelConfig
 from gptjax.inference.decode import (
     STREAM_INTERVAL_S,
@@ -300,15 +299,9 @@ def main() -> None:
         default=None,
         help="measure Hugging Face generate in the same run (default: if torch is installed)",
     )
-    parser.add_argument(
-        "--async-dispatch",
-        action="store_true",
-        help="CPU calls on XLA's executor threads (gptjax.load runs them inline)",
-    )
+    add_dispatch_flag(parser)
     args = parser.parse_args()
-    # As gptjax.load runs: single-device calls on this thread, freed buffers kept in the process.
-    inline = not args.async_dispatch and host_memory.run_calls_inline()
-    host_memory.keep_freed_memory()
+    cpu_dispatch = set_cpu_dispatch(args)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.hf is None:
         args.hf = _hf_available()
@@ -329,7 +322,7 @@ def main() -> None:
         "devices": str(jax.devices()),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "cpu_dispatch": "inline" if inline else "async",
+        "cpu_dispatch": cpu_dispatch,
         "load_average_after": os.getloadavg()[0],
         "prompt_len": PROMPT_LEN,
         "hf": "measured in this run" if args.hf else "not measured",

@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import op_profile  # benchmarks/op_profile.py, beside this script
-from report import write_json  # benchmarks/report.py, beside this script
+from report import add_dispatch_flag, set_cpu_dispatch, write_json  # benchmarks/report.py
 
-from gptjax import host_memory, sharding
+from gptjax import sharding
 from gptjax.config import (
     MODEL_PRESETS,
     Config,
@@ -467,16 +467,9 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="time one MODEL_PRESETS row instead")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", default="auto")
-    parser.add_argument(
-        "--async-dispatch",
-        action="store_true",
-        help="CPU calls on XLA's executor threads (the training loop runs them inline)",
-    )
+    add_dispatch_flag(parser)
     args = parser.parse_args()
-    # As the training loop runs: single-device calls on this thread, freed buffers kept in the
-    # process (both peers share the latter).
-    inline = not args.async_dispatch and host_memory.run_calls_inline()
-    host_memory.keep_freed_memory()
+    cpu_dispatch = set_cpu_dispatch(args)
     if args.torch is None:
         args.torch = _torch_available() and args.preset is None
     print(
@@ -496,7 +489,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "cpu_dispatch": "inline" if inline else "async",
+        "cpu_dispatch": cpu_dispatch,
         "load_average_after": os.getloadavg()[0],
         "torch": "measured in this run" if args.torch else "not measured",
     }
