@@ -18,7 +18,6 @@ keep it in a folder only you can write to (the default is in your home directory
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ def enable() -> str | None:
     chosen = jax.config.jax_compilation_cache_dir
     if chosen:
         return chosen
-    root = os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
+    root = storage.cache_home()
     if storage.is_remote(root):
         return None
     folder = Path(root).expanduser() / "xla"

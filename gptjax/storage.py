@@ -133,13 +133,19 @@ COMPLETE = ".complete"  # beside an entry of a bucket cache: written once the en
 _MIRRORS: dict[Path, str] = {}  # local folder → the gs:// folder it mirrors
 
 
+def cache_home() -> str:
+    """gptjax's cache folder, as given: ``$GPTJAX_CACHE``, else ``~/.cache/gptjax`` (prepared
+    datasets and tokenizers, bucket mirrors, compiled programs)."""
+    return os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
+
+
 def mirror(uri: str) -> Path:
     """A local folder standing for the ``gs://`` folder ``uri``, a cache shared by every host
     and run: the code reads and writes entries locally (memory-mapped datasets, token arrays),
     ``fetch`` downloads an entry that another host built, ``publish`` uploads one built here.
     The local copy lives under ``$GPTJAX_CACHE`` (default ``~/.cache/gptjax``) in ``gs/``."""
     path(uri)  # checks the bucket
-    base = Path(os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax").expanduser()
+    base = Path(cache_home()).expanduser()
     local = base / "gs" / uri[len("gs://") :].strip("/")
     _MIRRORS[local] = uri.rstrip("/")
     return local

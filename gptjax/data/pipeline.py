@@ -59,7 +59,7 @@ def cache_root(data: DataConfig) -> Path:
     """``data.cache_dir``, else ``$GPTJAX_CACHE``, else ``~/.cache/gptjax``. A ``gs://``
     cache_dir is shared through a local mirror: entries are fetched from the bucket when another
     host built them and published when built here (``storage.fetch`` / ``storage.publish``)."""
-    root = data.cache_dir or os.environ.get("GPTJAX_CACHE") or "~/.cache/gptjax"
+    root = data.cache_dir or storage.cache_home()
     if storage.is_remote(root):  # shared by every host: entries built once, fetched elsewhere
         return storage.mirror(root)
     return Path(root).expanduser()
