@@ -1,6 +1,8 @@
 """Tests for gptjax/data/text.py and tfds_catalog.py: shakespeare, text:PATH, tfds:NAME,
 materialisation, errors; and nanoGPT's tiny-shakespeare split, reproduced."""
 
+import tempfile
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -128,19 +130,22 @@ def test_bad_sources_fail_in_one_line(tmp_path, files, source, match):
 # ----------------------------------------------------------------------------- materialise
 
 
-def test_materialise_writes_array_record_once(tmp_path):
+def test_materialise_writes_array_record_once(tmp_path, monkeypatch):
     text = sources.LocalText(("one doc", "two docs"), ("held out",), "test")
     lines = []
-    first = sources.materialise(text, tmp_path, lines.append)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    first = sources.materialise(text, tmp_path / "datasets", lines.append)
+    assert not any((tmp_path / "tmp").iterdir())  # no temporary folder left behind
     records = sorted(first.rglob("*.array_record-*"))
     assert len(records) == 2 and first.name == text.content_hash
     stamps = [p.stat().st_mtime_ns for p in records]
-    again = sources.materialise(text, tmp_path, lines.append)
+    again = sources.materialise(text, tmp_path / "datasets", lines.append)
     assert again == first and [p.stat().st_mtime_ns for p in records] == stamps
     assert lines[0].startswith("materialising") and lines[-1].startswith("reusing")
     changed = sources.LocalText(("one doc", "two docs!"), ("held out",), "test")
     assert changed.content_hash != text.content_hash
-    source = sources.open_local(text, tmp_path, _quiet)  # read back by random access
+    source = sources.open_local(text, tmp_path / "datasets", _quiet)  # read back by random access
     assert list(source.train) == ["one doc", "two docs"] and source.validation[0] == "held out"
 
 

@@ -251,6 +251,15 @@ def local_text(path_text: str, val_fraction: float) -> LocalText:
 # ----------------------------------------------------------------------------- materialise
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+    """A local corpus is never on TFDS's bucket. TFDS looks there while a dataset is unprepared
+    (at every `materialise` of new text) and, with its bucket access off as it is by default,
+    leaves the empty temporary folder it made for the files behind in /tmp."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class GptjaxText(tfds.core.GeneratorBasedBuilder):
     """A local corpus as a TFDS dataset: one ``text`` feature, train/validation splits.
 
@@ -269,7 +278,7 @@ class GptjaxText(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         # Documents keep their order (validation batches read the split from its start).
-        return tfds.core.DatasetInfo(
+        return _LocalInfo(
             builder=self,
             features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
             disable_shuffling=True,
