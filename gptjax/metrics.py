@@ -34,21 +34,25 @@ def lead_only(log: Log) -> Log:
     return log if jax.process_index() == 0 else (lambda _: None)
 
 
-def _summary_writer_class() -> type:
-    """tensorboardX's ``SummaryWriter`` (event files without TensorFlow), imported without
-    PyTorch: where torch is installed, tensorboardX's writer module imports it (2-3 s at every
-    start of a run) only so that it can take torch tensors, which gptjax never logs. Setting
-    ``sys.modules["torch"] = None`` makes that one ``import torch`` fail as if torch were absent;
-    a torch already imported is left alone."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
+# What tensorboardX imports at start-up only for what gptjax never uses: torch (to take torch
+# tensors; 2-3 s), boto3 and google-cloud-storage (its own s3:// and gs:// event writers; ~0.5 s).
+# gptjax writes events to a local folder and uploads them itself (gptjax.storage).
+_UNUSED_BY_TENSORBOARDX = ("torch", "boto3", "google.cloud.storage")
 
-        return SummaryWriter
-    sys.modules["torch"] = None  # type: ignore[assignment]
+
+def _summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter`` (event files without TensorFlow), imported without the
+    modules in ``_UNUSED_BY_TENSORBOARDX``: ``sys.modules[name] = None`` makes tensorboardX's
+    guarded ``import`` of each fail as if it were not installed, for that one import; a module
+    already imported is left alone, and every entry is removed right after."""
+    blocked = [name for name in _UNUSED_BY_TENSORBOARDX if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        for name in blocked:
+            del sys.modules[name]
     return SummaryWriter
 
 
