@@ -311,6 +311,30 @@ def test_bfloat16_matmul_against_float64(w_contract):
     assert np.abs(np.asarray(y) - x.astype(np.float64) @ w_io).max() > 1e-3  # it did round
 
 
+@pytest.mark.parametrize("w_contract", [0, 1], ids=["w-in-out", "w-out-in"])
+@pytest.mark.parametrize("rows", [8, M.BF16_MIN_ROWS + 8], ids=["decode-rows", "train-rows"])
+def test_weight_matmul_against_float64(w_contract, rows):
+    """Float32 weight matmuls, forward and both gradients, whichever product form the rows
+    pick (``out_rows_product``: ``w @ x.T`` for an [OUT, IN] weight over few rows on CPU)."""
+    rng = np.random.default_rng(1)
+    d_in, d_out = 40, 56
+    x = rng.standard_normal((rows, d_in)).astype(np.float32)
+    w_io = rng.standard_normal((d_in, d_out)).astype(np.float32)
+    w = w_io if w_contract == 0 else np.ascontiguousarray(w_io.T)
+    g = rng.standard_normal((rows, d_out)).astype(np.float32)
+    f = lambda a, b: M.weight_matmul(GPT2_STYLE, a, b, w_contract)  # noqa: E731
+    y, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(jnp.asarray(g))
+    x64, w64, g64 = (a.astype(np.float64) for a in (x, w_io, g))
+    np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+    dw_io = x64.T @ g64
+    np.testing.assert_allclose(dw, dw_io if w_contract == 0 else dw_io.T, rtol=1e-5, atol=1e-5)
+    transposed = "optimization_barrier" in str(jax.make_jaxpr(f)(x, w))
+    assert transposed == (w_contract == 1 and rows < M.BF16_MIN_ROWS)  # CPU: the test backend
+    assert M.out_rows_product(rows) == (rows < M.BF16_MIN_ROWS)
+
+
 def test_matmul_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
     zen4 = tmp_path / "zen4"
     zen4.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
