@@ -52,6 +52,7 @@ from gptjax.inference.decode import (
     STREAM_INTERVAL_S,
     _decode,
     _prefill,
+    decode_layout,
     generate_batch,
     pad_prompts,
 )
@@ -124,6 +125,8 @@ def _timed(fn) -> tuple[float, object]:
 def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
     model = GPT(config)
     params = init_params(config, jax.random.key(0))["params"]
+    # What Generator decodes with; the old sampler and the ceiling read the standard tree.
+    layout_s, decoding = _timed(lambda: decode_layout(params) if args.decode_layout else params)
     rng = np.random.default_rng(0)
     rows = []
     # Only a bound where the weights do not fit in the CPU caches; a small model's pass is
@@ -132,15 +135,20 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
     for batch in args.batch_sizes:
         prompts = rng.integers(8, config.vocab_size, (batch, PROMPT_LEN)).tolist()
         run = functools.partial(
-            generate_batch, params, model, prompts, temperature=0.0, max_new_tokens=args.new_tokens
+            generate_batch,
+            decoding,
+            model,
+            prompts,
+            temperature=0.0,
+            max_new_tokens=args.new_tokens,
         )
         first, out = _timed(run)
         assert all(len(row) == PROMPT_LEN + args.new_tokens for row in out), "stopped early"
         padded, lengths = pad_prompts(prompts, config.max_len)
-        prefill_only = functools.partial(_prefill, params, padded, lengths, model=model)
+        prefill_only = functools.partial(_prefill, decoding, padded, lengths, model=model)
         prefill = statistics.median(_timed(prefill_only)[0] for _ in range(3))
         decode_s = statistics.median(
-            _decode_seconds(params, model, prefill_only, batch, args.new_tokens)
+            _decode_seconds(decoding, model, prefill_only, batch, args.new_tokens)
             for _ in range(args.repeats)
         )
         # End to end, alternating with Hugging Face generate when it is measured: the two
@@ -159,6 +167,8 @@ def bench_model(name: str, config: ModelConfig, args) -> list[dict]:
             "max_len": config.max_len,
             "batch": batch,
             "new_tokens": args.new_tokens,
+            "decode_layout": args.decode_layout,
+            "decode_layout_s": layout_s,
             "first_call_s": first,
             "prefill_s": prefill,
             "total_s": total,
@@ -293,6 +303,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-tokens", type=int, default=16, help="0 = no baseline")
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--decode-layout",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode with decode_layout(params), as Generator does (--no-...: the "
+        "standard parameter tree)",
+    )
     parser.add_argument(
         "--hf",
         action=argparse.BooleanOptionalAction,

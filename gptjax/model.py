@@ -54,7 +54,9 @@ that together hold S = max_len slots (``cache_blocks``), from ``init_cache``. A 
 keys/values at slot = position (``positions [B, T]``; so a batch of prompts is right-padded,
 row b's token t sitting in slot t) and its queries attend to every slot <= their position;
 slots beyond are ignored, whatever they hold. The parameter tree is the same with or without a
-cache.
+cache. A model that decodes on CPU is faster from ``decode_layout(params)``
+(``gptjax/inference/decode.py``), a copy of the tree with each kernel stored transposed
+(``kernel_out_in [OUT, IN]``, which ``Linear`` reads instead of ``kernel``).
 """
 
 from __future__ import annotations
@@ -211,6 +213,11 @@ def weight_matmul(
     return jax.lax.dot_general(x, w, dims, preferred_element_type=out)
 
 
+# A Linear kernel stored [OUT, IN] (IN and OUT flattened): gptjax/inference/decode.py's
+# decode_layout.
+KERNEL_OUT_IN = "kernel_out_in"
+
+
 def out_rows_product(rows: int) -> bool:
     """Whether ``weight_matmul`` multiplies an ``[OUT, IN]`` weight by ``x [N, IN]`` as
     ``w @ x.T`` (``[OUT, N]``, then transposed) rather than ``x @ w.T``: on the CPU backend,
@@ -264,12 +271,20 @@ class Linear(nn.Module):
     def __call__(self, x: Array) -> Array:
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         shape = (*self.in_shape, *self.out_shape)
-        kernel = self.param("kernel", _normal(self.std, self.names), shape, jnp.float32)
         dtype = _dtype(self.config)
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x2 = x.reshape(-1, n_in).astype(dtype)  # [N, IN]
-        w2 = kernel.reshape(n_in, n_out)
-        y = weight_matmul(self.config, x2, w2, float32_out=self.float32_out)  # [N, OUT]
+        if self.has_variable("params", KERNEL_OUT_IN):  # decode_layout's [OUT, IN]
+            w2, w_contract = self.get_variable("params", KERNEL_OUT_IN), 1
+            if w2.shape != (n_out, n_in):
+                raise GptjaxError(
+                    f"{'/'.join(self.scope.path)}/{KERNEL_OUT_IN} has shape {w2.shape}, "
+                    f"expected {(n_out, n_in)}; build it with decode_layout(params)"
+                )
+        else:
+            kernel = self.param("kernel", _normal(self.std, self.names), shape, jnp.float32)
+            w2, w_contract = kernel.reshape(n_in, n_out), 0
+        y = weight_matmul(self.config, x2, w2, w_contract, self.float32_out)  # [N, OUT]
         if self.lora and self.config.lora_rank:
             y = y + self._adapter(x2, n_in, n_out)
         y = y.reshape(*lead, *self.out_shape)  # [..., *OUT]

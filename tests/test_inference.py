@@ -20,6 +20,7 @@ from gptjax.config import Config, ModelConfig
 from gptjax.inference.decode import (
     _decode,
     _prefill,
+    decode_layout,
     generate,
     generate_batch,
     pad_prompts,
@@ -137,21 +138,23 @@ def test_logits_at_gives_the_chosen_positions_logits(style):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # another compile: a few ulp
 
 
+@pytest.mark.parametrize("layout", ["standard", "decode_layout"])
 @pytest.mark.parametrize("style", STYLES)
-def test_decode_loop_reads_the_cache_in_place(style):
+def test_decode_loop_reads_the_cache_in_place(style, layout):
     """The compiled decoding loop holds no copy, slice or transpose as large as a cache block:
     any would stream the cache through memory again on every step (a prefix of one
     ``[B*G, S, K]`` array was copied before each attention matmul, a quarter of GPT-2's step at
-    batch 32)."""
+    batch 32). Nor does it with ``decode_layout``'s kernels (no per-step transposed copy)."""
     c = STYLES[style]
     model = M.GPT(c)
+    params = _params(c) if layout == "standard" else decode_layout(_params(c))
     padded, lengths = pad_prompts(_prompts([3, 70]), c.max_len)
-    state = _prefill(_params(c), padded, lengths, model=model)
+    state = _prefill(params, padded, lengths, model=model)
     v = c.padded_vocab_size
     args = (np.int32(4), np.zeros(2, bool), np.arange(2, dtype=np.int32), np.zeros(v, bool))
     args += (np.int32(c.vocab_size), np.float32(1), np.float32(1))
     hlo = (
-        _decode.lower(_params(c), state, *args, model=model, greedy=True, top_k=0, nucleus=False)
+        _decode.lower(params, state, *args, model=model, greedy=True, top_k=0, nucleus=False)
         .compile()
         .as_text()
     )
@@ -166,6 +169,42 @@ def test_decode_loop_reads_the_cache_in_place(style):
             found.append(f"{op} {name} [{dims}]")
     assert len(jax.tree.leaves(state.cache)) == 2 * 2 * 2  # layers x (k, v) x 2 blocks
     assert not found, found
+
+
+@pytest.mark.parametrize("style", [*STYLES, "gpt2-scan"])
+def test_decode_layout_computes_what_the_standard_tree_computes(style):
+    """``decode_layout`` (CPU: every kernel as a transposed ``kernel_out_in [OUT, IN]``): the
+    same logits over few rows and over ``BF16_MIN_ROWS`` (the two product forms), the same
+    greedy tokens; no standard kernel is left to fall back on; idempotent; a kernel of the
+    wrong shape is refused."""
+    c = STYLES.get(style) or dataclasses.replace(GPT2_STYLE, scan_layers=True)
+    params = _params(c)
+    layout = decode_layout(params)
+
+    def names(tree):
+        return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+    kernels = [n for n in names(params) if n.endswith("['kernel']")]
+    assert len(kernels) > 0
+    assert sorted(names(layout)) == sorted(
+        n.replace("['kernel']", "['kernel_out_in']") for n in names(params)
+    )
+    assert decode_layout(layout) is layout
+    for rows in (2, M.BF16_MIN_ROWS // 2):  # [2, T] tokens: 4 and BF16_MIN_ROWS rows
+        tokens = jnp.asarray(_prompts([rows, rows], seed=3), jnp.int32)
+        want = _full(c, params, tokens)
+        np.testing.assert_allclose(_full(c, layout, tokens), want, rtol=1e-5, atol=1e-5)
+    prompts = _prompts([3, 9, 1], seed=4)
+    greedy = functools.partial(generate_batch, model=M.GPT(c), prompts=prompts, temperature=0)
+    assert greedy(layout, max_new_tokens=12) == greedy(params, max_new_tokens=12)
+    path = "h" if c.scan_layers else "h_0"
+    broken = {**layout, path: {**layout[path], "mlp": dict(layout[path]["mlp"])}}
+    up = broken[path]["mlp"]["up"] = dict(broken[path]["mlp"]["up"])
+    up["kernel_out_in"] = jnp.swapaxes(up["kernel_out_in"], -1, -2)
+    with pytest.raises(
+        ValueError, match=r"mlp/up/kernel_out_in has shape .* decode_layout\(params\)"
+    ):
+        _full(c, broken, jnp.zeros((1, 4), jnp.int32))
 
 
 def test_cache_keeps_the_parameter_tree():

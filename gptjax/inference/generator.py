@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from gptjax import chat_template, checkpoint, compile_cache, host_memory
 from gptjax.errors import GptjaxError
-from gptjax.inference.decode import generate_batch
+from gptjax.inference.decode import decode_layout, generate_batch
 from gptjax.inference.sampling import Sampling
 from gptjax.model import GPT, abstract_params
 from gptjax.workdir import read_workdir
@@ -81,7 +81,9 @@ class Generator:
     def __init__(self, config, params, tokenizer):
         self.config = config
         self.model = GPT(config.model)
-        self.params = params
+        # Decoding's parameter layout (on CPU the kernels transposed, ~1.2x faster decoding
+        # steps); the caller's tree may be dropped: this holds a copy of every kernel.
+        self.params = decode_layout(params)
         self.tokenizer = tokenizer
 
     def logits(self, token_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
