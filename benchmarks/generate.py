@@ -8,7 +8,9 @@ tokens after an 8-token prompt. Reported separately: the first call (compiling p
 decode), the prefill alone, the compiled decode loop alone (decode tokens/s = batch * new
 tokens / its time, after a fresh prefill) and the whole call end to end, medians of
 ``--repeats`` calls. With ``--stream`` also batch 1 with a
-streaming hook (``on_token``; decoding in chunks of about ``STREAM_INTERVAL_S``).
+streaming hook (``on_token``; decoding in chunks of about ``STREAM_INTERVAL_S``). gptjax decodes
+as ``Generator`` does, from ``decode_layout(params)`` (its one-off cost is ``decode_layout_s``
+in the JSON); ``--no-decode-layout`` decodes from the standard parameter tree instead.
 
 Baseline, measured in the same run at batch 1: the sampler gptjax had before the KV cache,
 which recomputed the model over a fixed ``[1, max_len]`` window for every token. Its cost per
@@ -25,10 +27,10 @@ machine both then see the same slow and fast moments. Without torch and transfor
 Ceiling, measured in the same run for models too big for the CPU caches: a decoding step
 reads every weight once, so no decoder beats ``batch / weights_pass_s``, the time of one pass
 that reads all the model's weight matrices (``_read_all_weights``). For GPT-2 124M in float32
-that is ~500 MB a token: on this 2-core machine ~23-26 ms (~20 GB/s), i.e. ~39-43 tokens/s at
-batch 1 — below 2x Hugging Face's ~32-39. Lower-precision weights would lift the ceiling, but
-XLA:CPU's bfloat16 matvecs run ~7x slower than float32 ones here (a chain of GPT-2's matvecs:
-186 ms vs 26 ms).
+that is ~500 MB a token: on this 2-core machine ~19 ms (~26 GB/s), i.e. ~50 tokens/s at batch
+1, where decoding runs (HF: ~26). Lower-precision weights would lift the ceiling, but XLA:CPU's
+bfloat16 matvecs run ~7x slower than float32 ones here (a chain of GPT-2's matvecs: 186 ms vs
+26 ms).
 """
 
 from __future__ import annotations
@@ -100,13 +102,15 @@ def old_generate(params, model: GPT, prompt: list[int], max_new_tokens: int) -> 
 
 @jax.jit
 def _read_all_weights(params) -> jax.Array:
-    """One pass over every weight matrix as decoding at batch 1 makes it: a vector times each
-    kernel (and the embedding table), so each float is read from memory once."""
+    """One pass over every weight matrix as decoding at batch 1 makes it: each kernel (and the
+    embedding table) times a vector, so each float is read from memory once. The product runs
+    over each matrix's last (contiguous) axis, the form XLA:CPU streams fastest (the other one,
+    ``vector @ matrix``, took ~1.5x as long here, which decoding from ``decode_layout`` beat)."""
     total = jnp.zeros((), jnp.float32)
     for w in jax.tree.leaves(params):
         if w.ndim >= 2:
-            w2 = w.reshape(w.shape[0], -1)
-            total += jnp.dot(jnp.ones((w2.shape[0],), w2.dtype), w2).sum()
+            w2 = w.reshape(-1, w.shape[-1])
+            total += jnp.dot(w2, jnp.ones((w2.shape[1],), w2.dtype)).sum()
     return total
 
 
