@@ -255,7 +255,9 @@ class Linear(nn.Module):
     per-axis logical names), but the product runs as one 2-D matmul ``[B*T, IN] @ [IN, OUT]``:
     XLA:CPU takes a much slower path for dots over 3-D activations, in the backward pass
     especially (GELU MLP forward + backward at B32 T128 D192 on 2 cores: 191 ms as a 3-D
-    einsum, 95 ms as a 2-D dot).
+    einsum, 95 ms as a 2-D dot). In a ``decode_layout`` tree the kernel is
+    ``kernel_out_in [OUT, IN]`` instead (2-D, transposed), multiplied as ``weight_matmul``
+    multiplies an ``[OUT, IN]`` weight.
     """
 
     config: ModelConfig
