@@ -184,8 +184,7 @@ def test_decode_layout_computes_what_the_standard_tree_computes(style):
     def names(tree):
         return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
-    kernels = [n for n in names(params) if n.endswith("['kernel']")]
-    assert len(kernels) > 0
+    assert any(n.endswith("['kernel']") for n in names(params))
     assert sorted(names(layout)) == sorted(
         n.replace("['kernel']", "['kernel_out_in']") for n in names(params)
     )
