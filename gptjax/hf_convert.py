@@ -15,6 +15,7 @@ import and cut back on export. Reading and writing checkpoints is ``gptjax/hf.py
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from gptjax.config import ModelConfig
 from gptjax.errors import GptjaxError
+from gptjax.model import kernel_in_axes
 
 SUPPORTED = ("gpt2", "llama", "qwen2")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # GPT-2's tanh approximation
@@ -239,8 +241,7 @@ def to_hf(t: Tensor, params: dict[str, np.ndarray], m: ModelConfig) -> np.ndarra
 def _matrix(path: str, p: np.ndarray) -> np.ndarray:
     """A gptjax parameter as Conv1D lays it out: kernels ``[in, out]`` (the attention output's
     ``[H, K, D]`` has two input axes, q/k/v's ``[D, H, K]`` two output axes), biases flat."""
-    if path.endswith("/out/kernel"):
-        return p.reshape(-1, p.shape[-1])
-    if path.endswith("/kernel") and p.ndim == 3:
-        return p.reshape(p.shape[0], -1)
+    if path.endswith("/kernel"):
+        n_in = kernel_in_axes(path.split("/"))
+        return p.reshape(math.prod(p.shape[:n_in]), -1)
     return p.reshape(-1) if path.endswith("/bias") else p

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -218,6 +219,13 @@ def weight_matmul(
 KERNEL_OUT_IN = "kernel_out_in"
 
 
+def kernel_in_axes(names: Sequence[str]) -> int:
+    """How many axes of the kernel at ``names`` (its key names from the tree's root, after any
+    layers axis) are IN axes: two for the attention output projection ``out`` (``[H, K, D]``),
+    one for every other kernel (the parameter tree in the module docstring)."""
+    return 2 if names[-2] == "out" else 1
+
+
 def out_rows_product(rows: int) -> bool:
     """Whether ``weight_matmul`` multiplies an ``[OUT, IN]`` weight by ``x [N, IN]`` as
     ``w @ x.T`` (``[OUT, N]``, then transposed) rather than ``x @ w.T``: on the CPU backend,
@@ -272,7 +280,6 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        shape = (*self.in_shape, *self.out_shape)
         dtype = _dtype(self.config)
         lead = x.shape[: x.ndim - len(self.in_shape)]
         x2 = x.reshape(-1, n_in).astype(dtype)  # [N, IN]
@@ -284,6 +291,7 @@ class Linear(nn.Module):
                     f"expected {(n_out, n_in)}; build it with decode_layout(params)"
                 )
         else:
+            shape = (*self.in_shape, *self.out_shape)
             kernel = self.param("kernel", _normal(self.std, self.names), shape, jnp.float32)
             w2, w_contract = kernel.reshape(n_in, n_out), 0
         y = weight_matmul(self.config, x2, w2, w_contract, self.float32_out)  # [N, OUT]

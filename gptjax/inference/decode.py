@@ -25,16 +25,25 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from gptjax.errors import GptjaxError
 from gptjax.inference.sampling import NEG_INF, SAMPLING, Sampling, sample_logits
-from gptjax.model import GPT, KERNEL_OUT_IN, KVCache, init_cache, layer_axes, out_rows_product
+from gptjax.model import (
+    GPT,
+    KERNEL_OUT_IN,
+    KVCache,
+    init_cache,
+    kernel_in_axes,
+    layer_axes,
+    out_rows_product,
+)
 
 # Prompts are padded to a bucket, one prefill compile per bucket: a power of two from
 # MIN_PROMPT_BUCKET up to PROMPT_BUCKET, then multiples of PROMPT_BUCKET. Short prompts then pay
@@ -156,35 +165,18 @@ def decode_layout(params: dict) -> dict:
     """
     if not out_rows_product(1):  # not on CPU: the standard layout is the fast one
         return params
-    found = []
-    _map_kernels(params, (), found.append)
-    if not found:
+    flat = traverse_util.flatten_dict(params)
+    kernels = {names: leaf for names, leaf in flat.items() if names[-1] == "kernel"}
+    if not kernels:
         return params
-    specs = tuple((layer_axes(path), _in_axes(path)) for path, _ in found)
-    converted = iter(_kernels_out_in([kernel for _, kernel in found], specs))
-    return _map_kernels(params, (), lambda _: next(converted))
-
-
-def _in_axes(path: tuple) -> int:
-    """How many leading (after any layers axis) axes of the kernel at key path ``path`` are
-    its IN axes: two for the attention output projection ``out`` (``[H, K, D]``), one for
-    every other kernel (``gptjax/model.py``'s parameter tree)."""
-    return 2 if path[-2].key == "out" else 1
-
-
-def _map_kernels(tree: Mapping, path: tuple, fn) -> dict:
-    """``tree`` with each ``kernel`` leaf replaced by ``KERNEL_OUT_IN: fn((path, kernel))``,
-    in a fixed order (``path``: the ``jax.tree_util`` key path from the root)."""
-    out = {}
-    for name, value in tree.items():
-        here = (*path, jax.tree_util.DictKey(name))
-        if isinstance(value, Mapping):
-            out[name] = _map_kernels(value, here, fn)
-        elif name == "kernel":
-            out[KERNEL_OUT_IN] = fn((here, value))
-        else:
-            out[name] = value
-    return out
+    specs = tuple(
+        (layer_axes(tuple(map(jax.tree_util.DictKey, names))), kernel_in_axes(names))
+        for names in kernels
+    )
+    for names, matrix in zip(kernels, _kernels_out_in(list(kernels.values()), specs), strict=True):
+        del flat[names]
+        flat[(*names[:-1], KERNEL_OUT_IN)] = matrix
+    return traverse_util.unflatten_dict(flat)
 
 
 @functools.partial(jax.jit, static_argnums=1)
