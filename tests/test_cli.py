@@ -27,20 +27,10 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model trained for 60 steps through the CLI, as the README's smoke run."""
-    w = tmp_path_factory.mktemp("run")
-    result = _cli(
-        "pretrain",
-        "--config",
-        "experiments/tiny.py",
-        "--workdir",
-        str(w),
-        "--train.steps=60",
-        "--eval.every_steps=30",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return w
+def workdir(tiny_workdir):
+    """The suite's tiny model (tests/conftest.py): 60 steps through the CLI, as the README's
+    smoke run."""
+    return tiny_workdir
 
 
 def test_pretrain_writes_falling_loss_and_val_loss(workdir):

@@ -38,10 +38,9 @@ def _conversations(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    w = tmp_path_factory.mktemp("pretrained")
-    pretrain(apply_overrides(load_experiment("tiny"), ["--train.steps=30", *QUICK]), w)
-    return w
+def pretrained(tiny_workdir):
+    """The suite's tiny pretrained model (tests/conftest.py), fine-tuned here, never written."""
+    return tiny_workdir
 
 
 @pytest.fixture(scope="module")
