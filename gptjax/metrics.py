@@ -9,9 +9,11 @@ appears once; TensorBoard is told the same with a purge event.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,7 +71,9 @@ class MetricsWriter:
     A ``gs://`` workdir cannot be appended to: both files are written to a local mirror and
     uploaded whole by ``sync`` — every ``sync_every_s`` seconds, after every checkpoint (the
     training loop calls it) and at ``close``. A run killed between two syncs loses only records
-    after its last checkpoint, which its resumed run writes again anyway.
+    after its last checkpoint, which its resumed run writes again anyway. The mirror's folder
+    (``mirror_folder``) is the same for every run of one workdir, so the copy a killed run leaves
+    behind is replaced by the resumed run's and removed at its ``close``.
     """
 
     def __init__(
@@ -91,8 +95,9 @@ class MetricsWriter:
             local = workdir
             if storage.is_remote(workdir):
                 self._remote = storage.path(workdir)
-                self._mirror = tempfile.TemporaryDirectory(prefix="gptjax-metrics-")
-                local = Path(self._mirror.name)
+                self._mirror = local = mirror_folder(str(workdir))
+                shutil.rmtree(local, ignore_errors=True)  # a killed run's: the bucket's is newer
+                local.mkdir(parents=True)
                 remote_jsonl = self._remote / METRICS_FILE
                 if remote_jsonl.is_file():
                     (local / METRICS_FILE).write_bytes(remote_jsonl.read_bytes())
@@ -126,7 +131,7 @@ class MetricsWriter:
             return
         self._jsonl.flush()
         self._tb.flush()
-        storage.upload_tree(Path(self._mirror.name), self._remote)
+        storage.upload_tree(self._mirror, self._remote)
         self._synced = time.monotonic()
 
     def close(self) -> None:
@@ -135,13 +140,20 @@ class MetricsWriter:
             self._jsonl.close()
             self._tb.close()
             if self._mirror is not None:
-                self._mirror.cleanup()
+                shutil.rmtree(self._mirror, ignore_errors=True)
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def mirror_folder(workdir: str) -> Path:
+    """The local folder that holds a ``gs://`` workdir's metrics and events while a run writes
+    them: one per user and workdir, in the temp folder (``$TMPDIR``)."""
+    digest = hashlib.sha1(workdir.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"gptjax-metrics-{os.getuid()}-{digest}"
 
 
 def _plain(v: Any) -> Any:

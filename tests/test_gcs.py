@@ -25,7 +25,7 @@ from gcs_emulator import GcsEmulator, free_port  # tests/, on sys.path
 from test_multihost import Launcher
 
 import gptjax
-from gptjax import storage
+from gptjax import metrics, storage
 from gptjax.__main__ import main
 from gptjax.checkpoint import Checkpointer
 from gptjax.errors import GptjaxError
@@ -117,11 +117,16 @@ def gs_run(gcs, baseline, tmp_path_factory):
         _gs("run"),
     ]
     tmp = tmp_path_factory.mktemp("gcs_runs")
-    cwd = tmp / "cwd"
+    cwd, scratch = tmp / "cwd", tmp / "tmpdir"  # scratch: the runs' $TMPDIR
     cwd.mkdir()
+    scratch.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptjax", *args],
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+            "TMPDIR": str(scratch),
+        },
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -137,15 +142,23 @@ def gs_run(gcs, baseline, tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     killed_at = Checkpointer(_gs("run"), read_only=True).latest_step()
+    mirrors_after_kill = [p.name for p in scratch.glob("gptjax-metrics-*")]
     launch = Launcher(tmp)
     try:
-        resumed = [launch.finish(p, 240) for p in launch.start_group("resume", args)]
+        group = launch.start_group("resume", args, env_of=lambda i: {"TMPDIR": str(scratch)})
+        resumed = [launch.finish(p, 240) for p in group]
     finally:
         launch.kill_all()
     for r in resumed:
         assert r["rc"] == 0, [r["stderr"][-2000:] for r in resumed]
     assert list(cwd.iterdir()) == [], "a gs:// run writes nothing in the working directory"
-    return {"running_when_killed": running, "killed_at": killed_at, "stdout": resumed[0]["stdout"]}
+    return {
+        "running_when_killed": running,
+        "killed_at": killed_at,
+        "stdout": resumed[0]["stdout"],
+        "mirrors_after_kill": mirrors_after_kill,
+        "mirrors_after_resume": [p.name for p in scratch.glob("gptjax-metrics-*")],
+    }
 
 
 def test_killed_and_resumed_gs_run_equals_the_uninterrupted_local_run(gcs, baseline, gs_run):
@@ -170,6 +183,9 @@ def test_killed_and_resumed_gs_run_equals_the_uninterrupted_local_run(gcs, basel
         shards = f"run/checkpoints/{STEPS}/params/ocdbt.process_{process}/"
         assert any(n.startswith(shards) for n in names), process
     assert not any(".gptjax-shared" in n for n in names)
+    # The killed run's local metrics mirror is the resumed run's folder: replaced, then removed.
+    assert gs_run["mirrors_after_resume"] == [], gs_run["mirrors_after_resume"]
+    assert gs_run["mirrors_after_kill"] == [metrics.mirror_folder(_gs("run")).name]
 
 
 def test_generate_export_import_and_finetune_on_gs(gcs, baseline, gs_run, tmp_path):
