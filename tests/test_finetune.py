@@ -233,3 +233,28 @@ def test_pretraining_refuses_lora(tmp_path):
     config = apply_overrides(load_experiment("tiny"), ["--model.lora_rank=4"])
     with pytest.raises(ValueError, match="LoRA adapters are for fine-tuning"):
         pretrain(config, tmp_path)
+
+
+def test_chat_samples_in_training_decode_from_the_training_tree(chat_workdir, monkeypatch):
+    """The eval's chat sample reads the parameters being trained as they are: no
+    ``decode_layout`` copy of every kernel at each eval. It answers what a ``Generator``
+    (decoding's layout) answers."""
+    from gptjax.inference import generator
+    from gptjax.training.finetune import sample_chat
+
+    config = load(chat_workdir[0]).config
+    e = dataclasses.replace(config.eval, sample_tokens=16, sample_temperature=0.0)
+    config = dataclasses.replace(config, eval=e)
+    params = init_params(config.model, jax.random.key(3))["params"]
+    tokenizer = load(chat_workdir[0]).tokenizer
+    want = generator.Generator(config, params, tokenizer).chat(
+        [{"role": "user", "content": e.sample_prompt}], max_new_tokens=16, temperature=0
+    )
+
+    def no_copy(_):
+        raise AssertionError("sample_chat made a decode_layout copy")
+
+    monkeypatch.setattr(generator, "decode_layout", no_copy)
+    assert generator.Generator(config, params, tokenizer, fast_layout=False).params is params
+    text = sample_chat(config, params, tokenizer, seed=0)
+    assert text == f"user: {e.sample_prompt}\nassistant: {want}"

@@ -78,12 +78,14 @@ class Generator:
     list[str]`` (one batch), ``gen.chat(messages) -> str`` (the assistant's reply).
     """
 
-    def __init__(self, config, params, tokenizer):
+    def __init__(self, config, params, tokenizer, *, fast_layout: bool = True):
+        """``fast_layout``: hold decoding's parameter layout (``decode_layout``: on CPU the
+        kernels transposed, ~1.2x faster decoding steps, and a copy of every kernel, so the
+        caller's tree may be dropped). ``False`` holds ``params`` itself: no copy, for a few
+        samples from a model that is still training."""
         self.config = config
         self.model = GPT(config.model)
-        # Decoding's parameter layout (on CPU the kernels transposed, ~1.2x faster decoding
-        # steps); the caller's tree may be dropped: this holds a copy of every kernel.
-        self.params = decode_layout(params)
+        self.params = decode_layout(params) if fast_layout else params
         self.tokenizer = tokenizer
 
     def logits(self, token_ids: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:

@@ -177,9 +177,10 @@ def _new_token_rows(params: dict, old: int, new: int) -> dict:
 
 
 def sample_chat(config: Config, params, tokenizer: Tokenizer, seed: int) -> str:
-    """One exchange: ``eval.sample_prompt`` as the user's message and the model's answer."""
+    """One exchange: ``eval.sample_prompt`` as the user's message and the model's answer,
+    decoded from the training tree itself (no second copy of the kernels at every eval)."""
     e = config.eval
-    gen = Generator(config, params, tokenizer)
+    gen = Generator(config, params, tokenizer, fast_layout=False)
     messages = [{"role": "user", "content": e.sample_prompt}]
     answer = gen.chat(
         messages,
