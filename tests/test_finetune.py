@@ -242,11 +242,10 @@ def test_chat_samples_in_training_decode_from_the_training_tree(chat_workdir, mo
     from gptjax.inference import generator
     from gptjax.training.finetune import sample_chat
 
-    config = load(chat_workdir[0]).config
-    e = dataclasses.replace(config.eval, sample_tokens=16, sample_temperature=0.0)
-    config = dataclasses.replace(config, eval=e)
+    chat = load(chat_workdir[0])  # its config and chat tokenizer; the weights are random
+    e = dataclasses.replace(chat.config.eval, sample_tokens=16, sample_temperature=0.0)
+    config, tokenizer = dataclasses.replace(chat.config, eval=e), chat.tokenizer
     params = init_params(config.model, jax.random.key(3))["params"]
-    tokenizer = load(chat_workdir[0]).tokenizer
     want = generator.Generator(config, params, tokenizer).chat(
         [{"role": "user", "content": e.sample_prompt}], max_new_tokens=16, temperature=0
     )
