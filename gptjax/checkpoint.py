@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,31 @@ def _reading():
         inner = e.__cause__ or e.__context__
         if type(e) is not Exception or not isinstance(inner, _READ_ERRORS):
             raise
+        _quiet_abandoned_reads()
         raise UnreadableCheckpoint(_reason(e)) from e
+
+
+# Orbax's shard reader (orbax-checkpoint 0.12, serialization.py) turns every BaseException into
+# that bare Exception, GeneratorExit included. When one shard of an array fails to read, the
+# reads of its other shards are abandoned, and closing each at some later garbage collection
+# prints "Exception ignored in: <coroutine object _read_array_index_and_device_put ...>" and a
+# traceback to stderr, after the checkpoint was already reported unreadable in one line.
+_ABANDONED_READ = "_read_array_index_and_device_put"
+
+
+def _quiet_abandoned_reads() -> None:
+    """Installs (once) a ``sys.unraisablehook`` that drops what closing an abandoned orbax
+    shard read raises and passes everything else to the hook it replaces."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        if getattr(unraisable.object, "__qualname__", None) != _ABANDONED_READ:
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def handlers() -> dict[str, ocp.CheckpointHandler]:
